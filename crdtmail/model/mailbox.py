@@ -1,0 +1,854 @@
+"""The Mailbox: one account's mail as pycrdt documents, with typed operations and change events.
+
+Documents (DESIGN.md, "Data model"):
+
+- ``index``: root maps ``meta`` (schema version, mailbox name) and ``folders`` (folder id -> plain dict
+  ``{"name", "parent", "role", "deleted"}``).
+- one shard per month (``"2026-11"``, or ``"undated"``): root maps ``messages`` (id -> envelope dict),
+  ``placement`` (id -> folder id), ``flags`` (``"<id>/<flag>"`` -> bool) and ``expunged`` (id -> True, the
+  tombstone that keeps a rescan or re-import from bringing an expunged message back).
+
+A message is visible while its envelope is in ``messages``. Every change happens inside one transaction on one
+document, so a move or a flag change is atomic and never crosses documents.
+
+The Mailbox does no I/O of its own: it loads documents from, and commits every change to, a ``MailboxBackend``.
+A local operation returns only after the backend committed it (contract 7); ``batch()`` groups many operations
+into one commit for imports.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrdt import Doc, Map, MapEvent, TransactionEvent
+
+from crdtmail.errors import (
+    AmbiguousMessageError,
+    ExpungedMessageError,
+    FolderExistsError,
+    FolderNotEmptyError,
+    ModelError,
+    UnknownFolderError,
+    UnknownMessageError,
+)
+from crdtmail.model.backend import CommitBatch, DocumentUpdate, FolderCount, IndexRow, MailboxBackend
+from crdtmail.model.causal import decode_state_vector, missing_dependencies
+from crdtmail.model.flags import normalise_flag
+from crdtmail.model.message import UNDATED, Envelope, ParsedMessage, parse_message
+
+SCHEMA_VERSION = 1
+INDEX_DOC = "index"
+LOCAL = "local"
+"""Transaction origin of changes made on this replica; remote updates carry their connection as origin."""
+
+ROLES: tuple[str, ...] = ("inbox", "sent", "drafts", "trash", "junk", "archive")
+_STANDARD_FOLDERS: dict[str, str] = {
+    "inbox": "INBOX",
+    "sent": "Sent",
+    "drafts": "Drafts",
+    "trash": "Trash",
+    "junk": "Junk",
+    "archive": "Archive",
+}
+INBOX = "inbox"
+TRASH = "trash"
+_SHARD_NAME = re.compile(r"^(\d{4}-(0[1-9]|1[0-2])|undated)$")
+_MAX_FOLDER_NAME = 200
+_FLAG_SEPARATOR = "/"
+MAX_HELD_UPDATES = 10_000
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether ``name`` is a month shard ("YYYY-MM") or the undated shard."""
+    return bool(_SHARD_NAME.match(name))
+
+
+def is_document_name(name: str) -> bool:
+    """Whether ``name`` names one of a mailbox's documents."""
+    return name == INDEX_DOC or is_shard_name(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Folder:
+    """A folder: a stable id, a leaf name, an optional parent folder id and an optional role."""
+
+    id: str
+    name: str
+    parent: str | None
+    role: str | None
+    path: str  # the names from the top, joined with "/"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """One message as a reader sees it: envelope, effective folder and flags."""
+
+    id: str
+    shard: str
+    folder_id: str
+    envelope: Envelope
+    flags: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxChange:
+    """What one committed transaction changed, for observers.
+
+    ``origin`` is ``LOCAL`` for changes made here, else the origin given to ``apply_update`` (the connection).
+    """
+
+    origin: Any
+    documents: frozenset[str]
+    added: frozenset[str] = frozenset()
+    changed: frozenset[str] = frozenset()  # flags changed
+    moved: frozenset[str] = frozenset()
+    expunged: frozenset[str] = frozenset()
+    folders_changed: bool = False
+    updates: tuple[tuple[str, bytes], ...] = ()  # (document, update) as committed, for sending to peers
+
+    @property
+    def is_local(self) -> bool:
+        """True for a change made on this replica."""
+        return bool(self.origin == LOCAL)
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """The outcome of adding a message: its id and whether it was new here."""
+
+    message_id: str
+    added: bool
+
+
+@dataclass
+class _Pending:
+    """Changes made since the last commit, keyed by document."""
+
+    updates: list[DocumentUpdate] = field(default_factory=list)
+    touched: dict[str, set[str]] = field(default_factory=dict)  # shard -> affected message ids
+    added: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)
+    moved: set[str] = field(default_factory=set)
+    expunged: set[str] = field(default_factory=set)
+    folders_changed: bool = False
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    row_hints: dict[str, IndexRow] = field(default_factory=dict)  # rows known without reading them back
+    documents: set[str] = field(default_factory=set)
+    origins: list[Any] = field(default_factory=list)
+
+
+class _Shard:
+    """A loaded shard document, its four root maps, and the flag names used in it."""
+
+    __slots__ = ("doc", "expunged", "flag_names", "flags", "messages", "name", "placement")
+
+    def __init__(self, name: str, doc: Doc[Any]) -> None:
+        self.name = name
+        self.doc = doc
+        self.messages: Map[Any] = doc.get("messages", type=Map)
+        self.placement: Map[Any] = doc.get("placement", type=Map)
+        self.flags: Map[Any] = doc.get("flags", type=Map)
+        self.expunged: Map[Any] = doc.get("expunged", type=Map)
+        # Knowing the few flag names in use turns "flags of one message" into a handful of key look-ups
+        # instead of a scan of every flag key in the month.
+        self.flag_names: set[str] = {key.partition(_FLAG_SEPARATOR)[2] for key in self.flags}
+
+    def visible_envelope(self, message_id: str) -> Any:
+        """The stored envelope of a visible message; None if absent or expunged.
+
+        The tombstone wins over an envelope written concurrently by a peer that had not seen the expunge, so an
+        expunged message never comes back unless someone who saw the expunge delivers it again.
+        """
+        if message_id in self.expunged:
+            return None
+        return self.messages.get(message_id)
+
+    def flags_of(self, message_id: str) -> frozenset[str]:
+        prefix = message_id + _FLAG_SEPARATOR
+        flags = self.flags
+        return frozenset(name for name in self.flag_names if flags.get(prefix + name) is True)
+
+    def flag_keys_of(self, message_id: str) -> list[str]:
+        prefix = message_id + _FLAG_SEPARATOR
+        return [prefix + name for name in self.flag_names if prefix + name in self.flags]
+
+
+def _flags_by_message(shard: _Shard) -> dict[str, set[str]]:
+    result: dict[str, set[str]] = {}
+    for key, value in shard.flags.items():
+        if value is True:
+            message_id, _, flag = key.partition(_FLAG_SEPARATOR)
+            result.setdefault(message_id, set()).add(flag)
+    return result
+
+
+class Mailbox:
+    """One account's mail over pycrdt documents, stored in a MailboxBackend.
+
+    Shards are loaded lazily: reads of listings and counts go to the backend's derived index; a shard is loaded
+    only when one of its messages is read or changed, or a remote update for it arrives.
+    """
+
+    def __init__(self, name: str, backend: MailboxBackend) -> None:
+        self.name = name
+        self._backend = backend
+        self._shards: dict[str, _Shard] = {}
+        self._observers: list[Callable[[MailboxChange], None]] = []
+        self._pending = _Pending()
+        self._batch_depth = 0
+        self._remote_origin: Any = None
+        self._folder_cache: tuple[list[Folder], list[Folder]] | None = None
+        self._held: dict[str, list[tuple[bytes, Any]]] = {}
+        self._index_doc: Doc[Any] = Doc()
+        stored = backend.load_document(INDEX_DOC)
+        if stored is not None:
+            self._index_doc.apply_update(stored)
+        self._meta: Map[Any] = self._index_doc.get("meta", type=Map)
+        self._folders: Map[Any] = self._index_doc.get("folders", type=Map)
+        self._watch(INDEX_DOC, self._index_doc)
+        self._folders.observe(self._on_folders_event)
+        if stored is None:
+            self._initialise()
+        self.repair_index()
+
+    # ----------------------------------------------------------------------------------------------- plumbing
+
+    def _initialise(self) -> None:
+        """Write the schema version and the standard folders; peers that do it concurrently write equal values."""
+        with self._operation(), self._index_doc.transaction(origin=LOCAL):
+            self._meta["schema"] = SCHEMA_VERSION
+            self._meta["name"] = self.name
+            for role, folder_name in _STANDARD_FOLDERS.items():
+                self._folders[role] = {"name": folder_name, "parent": None, "role": role, "deleted": False}
+
+    def _watch(self, doc_name: str, doc: Doc[Any]) -> None:
+        def on_transaction(event: TransactionEvent) -> None:
+            if self._remote_origin is None:
+                update = event.update
+                if update != b"\x00\x00":
+                    self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
+                    self._pending.documents.add(doc_name)
+
+        doc.observe(on_transaction)
+
+    def _load_shard(self, name: str) -> _Shard:
+        shard = self._shards.get(name)
+        if shard is not None:
+            return shard
+        if not is_shard_name(name):
+            raise ModelError(f"{name!r} is not a shard name (expected YYYY-MM or 'undated')")
+        doc: Doc[Any] = Doc()
+        stored = self._backend.load_document(name)
+        if stored is not None:
+            doc.apply_update(stored)
+        shard = _Shard(name, doc)
+        self._watch(name, doc)
+        for root_name, root in (("messages", shard.messages), ("placement", shard.placement),
+                                ("flags", shard.flags), ("expunged", shard.expunged)):
+            root.observe(functools.partial(self._on_shard_event, shard, root_name))
+        self._shards[name] = shard
+        return shard
+
+    def _on_shard_event(self, shard: _Shard, root: str, event: MapEvent) -> None:
+        pending = self._pending
+        touched = pending.touched.setdefault(shard.name, set())
+        pending.documents.add(shard.name)
+        keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+        hints = pending.row_hints if self._remote_origin is not None else None
+        if root == "flags":
+            for key in keys:
+                message_id, _, flag = key.partition(_FLAG_SEPARATOR)
+                shard.flag_names.add(flag)
+                touched.add(message_id)
+                pending.changed.add(message_id)
+                if hints:
+                    hints.pop(message_id, None)
+            return
+        for key, change in keys.items():
+            touched.add(key)
+            if hints:
+                hints.pop(key, None)
+            action = change.get("action")
+            if root == "messages":
+                if action == "add":
+                    pending.added.add(key)
+                elif action == "delete":
+                    pending.expunged.add(key)
+            elif root == "expunged":
+                if action == "add":
+                    pending.expunged.add(key)
+                elif action == "delete":
+                    pending.added.add(key)
+            elif root == "placement" and action == "update":
+                pending.moved.add(key)
+
+    def _on_folders_event(self, _event: MapEvent) -> None:
+        self._folder_cache = None
+        self._pending.folders_changed = True
+        self._pending.documents.add(INDEX_DOC)
+
+    @contextmanager
+    def _operation(self) -> Iterator[None]:
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            # Commit even when the operation failed part-way: whatever reached the documents must be durable
+            # before anything else happens, or memory and disk would disagree.
+            if self._batch_depth == 0:
+                self._commit()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group many operations into one durable commit (used by imports). Nested batches join the outer one."""
+        with self._operation():
+            yield
+
+    def flush(self) -> None:
+        """Commit what a running batch holds so far (an import calls this every few hundred messages)."""
+        self._commit()
+
+    def _commit(self) -> None:
+        pending = self._pending
+        self._pending = _Pending()
+        if not (pending.updates or pending.touched or pending.folders_changed or pending.blobs):
+            return
+        batch = CommitBatch(blobs=pending.blobs)
+        for update in pending.updates:
+            batch.updates.append(DocumentUpdate(update.doc_name, update.update, self._state_vector(update.doc_name)))
+        for shard_name, ids in pending.touched.items():
+            shard = self._shards[shard_name]
+            for message_id in ids:
+                row = pending.row_hints.get(message_id) or self._row(shard, message_id)
+                if row is None:
+                    batch.rows_delete.add(message_id)
+                    batch.rows_upsert.pop(message_id, None)
+                else:
+                    batch.rows_upsert[message_id] = row
+                    batch.rows_delete.discard(message_id)
+            batch.indexed_shards[shard_name] = shard.doc.get_state()
+        self._backend.commit(batch)
+        origin = pending.origins[0] if pending.origins else LOCAL
+        visible = set(batch.rows_upsert)
+        added = (pending.added & visible) - pending.expunged
+        change = MailboxChange(
+            origin=origin,
+            documents=frozenset(pending.documents),
+            added=frozenset(added),
+            changed=frozenset((pending.changed & visible) - added),
+            moved=frozenset((pending.moved & visible) - added),
+            expunged=frozenset((pending.expunged | pending.added) & batch.rows_delete),
+            folders_changed=pending.folders_changed,
+            updates=tuple((update.doc_name, update.update) for update in pending.updates),
+        )
+        for observer in list(self._observers):
+            observer(change)
+
+    def _state_vector(self, doc_name: str) -> bytes:
+        if doc_name == INDEX_DOC:
+            return self._index_doc.get_state()
+        return self._shards[doc_name].doc.get_state()
+
+    def observe(self, callback: Callable[[MailboxChange], None]) -> Callable[[], None]:
+        """Call ``callback`` after every committed change; returns a function that unsubscribes it."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback)
+
+    # ------------------------------------------------------------------------------------- derived index
+
+    def _row(self, shard: _Shard, message_id: str, flags: Iterable[str] | None = None) -> IndexRow | None:
+        value = shard.visible_envelope(message_id)
+        if value is None:
+            return None
+        envelope = Envelope.from_crdt(value)
+        folder = shard.placement.get(message_id)
+        return IndexRow(
+            message_id=message_id,
+            shard=shard.name,
+            folder_id=folder if isinstance(folder, str) else INBOX,
+            date=envelope.date or 0,
+            flags=tuple(sorted(shard.flags_of(message_id) if flags is None else flags)),
+            sender=envelope.sender,
+            subject=envelope.subject,
+            size=envelope.size,
+        )
+
+    def rows_for_shard(self, shard_name: str) -> dict[str, IndexRow]:
+        """Recompute the derived rows of one shard from its document."""
+        shard = self._load_shard(shard_name)
+        flags = _flags_by_message(shard)
+        rows: dict[str, IndexRow] = {}
+        for message_id in shard.messages.keys():  # noqa: SIM118 (pycrdt's __iter__ is untyped)
+            row = self._row(shard, message_id, flags.get(message_id, ()))
+            if row is not None:
+                rows[message_id] = row
+        return rows
+
+    def repair_index(self) -> list[str]:
+        """Rebuild the derived rows of every shard whose rows are missing or stale; returns the shards rebuilt."""
+        indexed = self._backend.indexed_state_vectors()
+        stale: list[str] = []
+        for name in self._backend.document_names():
+            if is_shard_name(name) and indexed.get(name) != self._backend.state_vector(name):
+                stale.append(name)
+        for name in indexed:
+            if name not in self._backend.document_names():
+                stale.append(name)
+        for name in stale:
+            batch = CommitBatch(replace_shards={name})
+            if name in self._backend.document_names():
+                batch.rows_upsert = self.rows_for_shard(name)
+                batch.indexed_shards[name] = self._backend.state_vector(name) or b"\x00"
+            self._backend.commit(batch)
+            self._drop_if_idle(name)
+        return stale
+
+    def _drop_if_idle(self, name: str) -> None:
+        """Unload a shard loaded only for a rebuild, to keep memory small."""
+        if self._batch_depth == 0 and name in self._shards:
+            del self._shards[name]
+
+    # --------------------------------------------------------------------------------------------- folders
+
+    def folders(self, *, include_deleted: bool = False) -> list[Folder]:
+        """Every folder, sorted by path (INBOX first)."""
+        if self._folder_cache is None:
+            raw = {key: value for key, value in self._folders.items() if isinstance(value, dict)}
+            every = [(bool(value.get("deleted")), self._folder_from(key, value, raw)) for key, value in raw.items()]
+            every.sort(key=lambda item: (item[1].role != "inbox", item[1].path.lower(), item[1].id))
+            self._folder_cache = [folder for _, folder in every], [folder for deleted, folder in every if not deleted]
+        return list(self._folder_cache[0] if include_deleted else self._folder_cache[1])
+
+    def _folder_from(self, folder_id: str, value: dict[str, Any], raw: dict[str, Any]) -> Folder:
+        names = [str(value.get("name", folder_id))]
+        parent = value.get("parent")
+        seen = {folder_id}
+        while isinstance(parent, str) and parent in raw and parent not in seen:
+            seen.add(parent)
+            names.append(str(raw[parent].get("name", parent)))
+            parent = raw[parent].get("parent")
+        role = value.get("role")
+        return Folder(
+            id=folder_id,
+            name=names[0],
+            parent=value.get("parent") if isinstance(value.get("parent"), str) else None,
+            role=role if isinstance(role, str) else None,
+            path="/".join(reversed(names)),
+        )
+
+    def folder(self, name_or_id: str) -> Folder:
+        """Find a live folder by id, path (case-insensitive for INBOX) or role."""
+        folders = self.folders()
+        for folder in folders:
+            if folder.id == name_or_id:
+                return folder
+        for folder in folders:
+            if folder.path == name_or_id:
+                return folder
+        lowered = name_or_id.lower()
+        for folder in folders:
+            if folder.path.lower() == lowered or folder.role == lowered:
+                return folder
+        raise UnknownFolderError(f"no folder named {name_or_id!r}; `crdtmail folders` lists them")
+
+    def role_folder(self, role: str) -> str:
+        """The id of the live folder with ``role``, falling back to the standard id."""
+        for folder in self.folders():
+            if folder.role == role:
+                return folder.id
+        return role
+
+    def _effective_folder(self, folder_id: str) -> str:
+        value = self._folders.get(folder_id)
+        if isinstance(value, dict) and not value.get("deleted"):
+            return folder_id
+        # A message placed in a deleted or unknown folder (a concurrent delete) is shown in the trash, not lost.
+        return self.role_folder(TRASH)
+
+    def create_folder(self, path: str, *, role: str | None = None) -> Folder:
+        """Create a folder (and missing parents) from a "/"-separated path; an existing one is returned as is."""
+        parts = [part.strip() for part in path.split("/")]
+        if not parts or any(not part or len(part) > _MAX_FOLDER_NAME for part in parts):
+            raise ModelError(f"invalid folder name {path!r}: use non-empty names separated by '/'")
+        if role is not None and role not in ROLES:
+            raise ModelError(f"unknown folder role {role!r}: use one of {', '.join(ROLES)}")
+        parent: str | None = None
+        folder: Folder | None = None
+        with self._operation(), self._index_doc.transaction(origin=LOCAL):
+            for depth, part in enumerate(parts):
+                prefix = "/".join(parts[: depth + 1])
+                existing = self._find_live(prefix)
+                if existing is not None:
+                    folder = existing
+                else:
+                    folder_id = self._new_folder_id(prefix)
+                    is_leaf = depth == len(parts) - 1
+                    self._set_folder(folder_id, {
+                        "name": part,
+                        "parent": parent,
+                        "role": role if is_leaf else None,
+                        "deleted": False,
+                    })
+                    folder = self.folder(folder_id)
+                parent = folder.id
+        assert folder is not None
+        return folder
+
+    def _set_folder(self, folder_id: str, value: dict[str, Any]) -> None:
+        self._folders[folder_id] = value
+        self._folder_cache = None  # the map's own event comes only when the transaction ends
+
+    def _find_live(self, path: str) -> Folder | None:
+        for folder in self.folders():
+            if folder.path == path or (folder.role == INBOX and path.lower() == "inbox"):
+                return folder
+        return None
+
+    def _new_folder_id(self, path: str) -> str:
+        # Derived from the path, so two peers that create the same folder while apart create one folder.
+        base = "f" + hashlib.sha256(path.encode("utf-8")).hexdigest()[:11]
+        candidate, counter = base, 1
+        while True:
+            value = self._folders.get(candidate)
+            if value is None or (isinstance(value, dict) and value.get("deleted")):
+                return candidate
+            counter += 1
+            candidate = f"{base}{counter}"
+
+    def rename_folder(self, name_or_id: str, new_path: str) -> Folder:
+        """Rename (and possibly re-parent) a folder; its id, and so every message in it, stays."""
+        folder = self.folder(name_or_id)
+        parts = [part.strip() for part in new_path.split("/")]
+        if any(not part or len(part) > _MAX_FOLDER_NAME for part in parts):
+            raise ModelError(f"invalid folder name {new_path!r}: use non-empty names separated by '/'")
+        if self._find_live(new_path) is not None:
+            raise FolderExistsError(f"a folder named {new_path!r} already exists; pick another name")
+        if folder.role == INBOX:
+            raise ModelError("INBOX cannot be renamed")
+        if "/".join(parts).startswith(folder.path + "/"):
+            raise ModelError(f"cannot move folder {folder.path!r} inside itself")
+        with self._operation():
+            parent = self.create_folder("/".join(parts[:-1])).id if len(parts) > 1 else None
+            with self._index_doc.transaction(origin=LOCAL):
+                value = dict(self._folders[folder.id])
+                value.update(name=parts[-1], parent=parent)
+                self._set_folder(folder.id, value)
+        return self.folder(folder.id)
+
+    def delete_folder(self, name_or_id: str, *, move_to_trash: bool = False) -> None:
+        """Delete a folder. One that holds messages (or subfolders) is refused unless ``move_to_trash``."""
+        folder = self.folder(name_or_id)
+        if folder.role in (INBOX, TRASH):
+            raise ModelError(f"the {folder.path} folder cannot be deleted")
+        children = [f for f in self.folders() if f.parent == folder.id]
+        if children:
+            raise FolderNotEmptyError(
+                f"folder {folder.path!r} has subfolders ({', '.join(c.path for c in children)}); delete them first"
+            )
+        ids = self._backend.ids_in_folder(folder.id)
+        if ids and not move_to_trash:
+            raise FolderNotEmptyError(
+                f"folder {folder.path!r} holds {len(ids)} messages; move them first or delete with --move-to-trash"
+            )
+        trash = self.role_folder(TRASH)
+        with self._operation():
+            for message_id in ids:
+                self.move(message_id, trash)
+            with self._index_doc.transaction(origin=LOCAL):
+                value = dict(self._folders[folder.id])
+                value["deleted"] = True
+                self._set_folder(folder.id, value)
+
+    # -------------------------------------------------------------------------------------------- messages
+
+    def add(
+        self,
+        raw: bytes | ParsedMessage,
+        *,
+        folder: str = INBOX,
+        flags: Iterable[str] = (),
+        redeliver: bool = False,
+    ) -> AddResult:
+        """Add a message from its raw bytes into ``folder`` with ``flags``; a message already here is unchanged.
+
+        An expunged message is refused with ExpungedMessageError unless ``redeliver`` says it arrived again.
+        """
+        parsed = raw if isinstance(raw, ParsedMessage) else parse_message(raw)
+        folder_id = self.folder(folder).id
+        normalised = tuple(sorted({normalise_flag(flag) for flag in flags}))
+        shard = self._load_shard(parsed.shard)
+        message_id = parsed.message_id
+        with self._operation(), shard.doc.transaction(origin=LOCAL):
+            tombstoned = message_id in shard.expunged
+            if not tombstoned and message_id in shard.messages:
+                return AddResult(message_id, added=False)
+            if tombstoned and not redeliver:
+                raise ExpungedMessageError(
+                    f"message {message_id} was expunged; deliver it again explicitly to bring it back"
+                )
+            if tombstoned:
+                del shard.expunged[message_id]
+            trustworthy_hint = not tombstoned and not shard.flag_keys_of(message_id)
+            envelope = parsed.envelope
+            self._pending.blobs[envelope.body_sha256] = parsed.raw
+            shard.messages[message_id] = envelope.to_crdt()
+            shard.placement[message_id] = folder_id
+            for flag in normalised:
+                shard.flags[message_id + _FLAG_SEPARATOR + flag] = True
+            if not trustworthy_hint:
+                return AddResult(message_id, added=True)  # flags from elsewhere exist: read the row back
+            self._pending.row_hints[message_id] = IndexRow(
+                message_id=message_id, shard=shard.name, folder_id=folder_id, date=envelope.date or 0,
+                flags=normalised, sender=envelope.sender, subject=envelope.subject, size=envelope.size,
+            )
+        return AddResult(message_id, added=True)
+
+    def resolve(self, id_or_prefix: str) -> str:
+        """The full id of the one visible message whose id is or starts with ``id_or_prefix``."""
+        prefix = id_or_prefix.strip().lower()
+        if not prefix:
+            raise UnknownMessageError("an empty message id matches nothing; `crdtmail ls` shows ids")
+        matches = self._backend.find_ids(prefix, 2)
+        if not matches:
+            raise UnknownMessageError(f"no message with id {id_or_prefix!r}; `crdtmail ls` shows ids")
+        if len(matches) > 1:
+            raise AmbiguousMessageError(f"message id prefix {id_or_prefix!r} matches several messages; type more of it")
+        return matches[0]
+
+    def _shard_of(self, message_id: str) -> _Shard:
+        shard_name = self._backend.locate(message_id)
+        if shard_name is None:
+            for shard in self._shards.values():  # added in a batch not yet committed
+                if shard.visible_envelope(message_id) is not None:
+                    return shard
+            raise UnknownMessageError(f"no message with id {message_id!r}; `crdtmail ls` shows ids")
+        return self._load_shard(shard_name)
+
+    def message(self, message_id: str) -> MessageView:
+        """One message's envelope, effective folder and flags."""
+        shard = self._shard_of(message_id)
+        value = shard.visible_envelope(message_id)
+        if value is None:
+            raise UnknownMessageError(f"no message with id {message_id!r}; `crdtmail ls` shows ids")
+        folder = shard.placement.get(message_id)
+        return MessageView(
+            id=message_id,
+            shard=shard.name,
+            folder_id=self._effective_folder(folder if isinstance(folder, str) else INBOX),
+            envelope=Envelope.from_crdt(value),
+            flags=shard.flags_of(message_id),
+        )
+
+    def body(self, message_id: str) -> bytes | None:
+        """The raw message from the blob store, or None if this replica does not hold the body."""
+        return self._backend.get_blob(self.message(message_id).envelope.body_sha256)
+
+    def move(self, message_id: str, folder: str) -> bool:
+        """Place a message in ``folder``; returns False when it was already there."""
+        folder_id = self.folder(folder).id
+        shard = self._shard_of(message_id)
+        if shard.placement.get(message_id) == folder_id:
+            return False
+        with self._operation(), shard.doc.transaction(origin=LOCAL):
+            self._pending.row_hints.pop(message_id, None)
+            shard.placement[message_id] = folder_id
+        return True
+
+    def delete(self, message_id: str) -> bool:
+        """Move a message to the trash folder (it stays recoverable until expunged)."""
+        return self.move(message_id, self.role_folder(TRASH))
+
+    def set_flags(self, message_id: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> bool:
+        """Set and clear flags or keywords; returns whether anything changed."""
+        to_add = {normalise_flag(flag) for flag in add}
+        to_remove = {normalise_flag(flag) for flag in remove} - to_add
+        shard = self._shard_of(message_id)
+        current = shard.flags_of(message_id)
+        changes = [(flag, True) for flag in to_add - current] + [(flag, False) for flag in to_remove & current]
+        if not changes:
+            return False
+        with self._operation(), shard.doc.transaction(origin=LOCAL):
+            self._pending.row_hints.pop(message_id, None)
+            for flag, value in changes:
+                # A cleared flag is written as False, not deleted, so a concurrent set and clear resolve by
+                # last-writer-wins instead of "set always wins".
+                shard.flags[message_id + _FLAG_SEPARATOR + flag] = value
+        return True
+
+    def expunge(self, message_id: str) -> None:
+        """Remove a message for good (its envelope, placement and flags) and leave a tombstone."""
+        shard = self._shard_of(message_id)
+        if shard.visible_envelope(message_id) is None:
+            raise UnknownMessageError(f"no message with id {message_id!r}; `crdtmail ls` shows ids")
+        with self._operation(), shard.doc.transaction(origin=LOCAL):
+            self._pending.row_hints.pop(message_id, None)
+            for key in shard.flag_keys_of(message_id):
+                del shard.flags[key]
+            if message_id in shard.placement:
+                del shard.placement[message_id]
+            if message_id in shard.messages:
+                del shard.messages[message_id]
+            shard.expunged[message_id] = True
+
+    def is_expunged(self, message_id: str, shard_name: str) -> bool:
+        """Whether the message was expunged (and not redelivered) in ``shard_name``."""
+        return message_id in self._load_shard(shard_name).expunged
+
+    # ------------------------------------------------------------------------------------------ listings
+
+    def list_folder(self, folder: str, *, offset: int = 0, limit: int = 50) -> list[IndexRow]:
+        """A folder's messages newest first, from the derived index (no shard is loaded)."""
+        target = self.folder(folder)
+        folder_ids = [target.id]
+        if target.role == TRASH:
+            folder_ids.extend(self._orphan_folder_ids())
+        return self._backend.list_folder(folder_ids, max(0, offset), max(0, limit))
+
+    def _orphan_folder_ids(self) -> list[str]:
+        live = {folder.id for folder in self.folders()}
+        return [folder_id for folder_id in self._backend.folder_counts() if folder_id not in live]
+
+    def counts(self) -> dict[str, FolderCount]:
+        """Total and unread messages per live folder id (messages of deleted folders count in the trash)."""
+        live = {folder.id for folder in self.folders()}
+        result = {folder_id: FolderCount(0, 0) for folder_id in live}
+        trash = self.role_folder(TRASH)
+        for folder_id, count in self._backend.folder_counts().items():
+            target = folder_id if folder_id in live else trash
+            prior = result.get(target, FolderCount(0, 0))
+            result[target] = FolderCount(prior.total + count.total, prior.unread + count.unread)
+        return result
+
+    # ------------------------------------------------------------------------------------ sync interface
+
+    def document_names(self) -> list[str]:
+        """Every document this replica stores (the index first)."""
+        names = set(self._backend.document_names()) | set(self._shards) | {INDEX_DOC}
+        return sorted(names, key=lambda name: (name != INDEX_DOC, name))
+
+    def document_state_vector(self, doc_name: str) -> bytes:
+        """A document's state vector, from the backend when the document is not loaded."""
+        if doc_name == INDEX_DOC:
+            return self._index_doc.get_state()
+        if doc_name in self._shards:
+            return self._shards[doc_name].doc.get_state()
+        return self._backend.state_vector(doc_name) or b"\x00"
+
+    def encode_document(self, doc_name: str, state_vector: bytes | None = None) -> bytes:
+        """The update a peer with ``state_vector`` lacks for ``doc_name`` (everything when None)."""
+        if doc_name == INDEX_DOC:
+            return self._index_doc.get_update(state_vector)
+        return self._load_shard(doc_name).doc.get_update(state_vector)
+
+    def apply_update(self, doc_name: str, update: bytes, origin: Any, *, check_causality: bool = True) -> bool:
+        """Apply a remote update to a document and commit it; observers see ``origin``.
+
+        An update whose dependencies have not arrived yet is held back in memory (never handed to Yrs, whose
+        pending-update handling loses data; see ``crdtmail.model.causal``) and applied as soon as they arrive;
+        the call then returns False, and the caller should ask the sender for a state diff. A state diff
+        computed against this replica's state vector cannot miss anything, so the sync layer passes
+        ``check_causality=False`` for those and skips the decoding.
+        """
+        if origin == LOCAL or origin is None:
+            raise ModelError("a remote update needs the origin it came from (not LOCAL)")
+        if not is_document_name(doc_name):
+            raise ModelError(f"{doc_name!r} is not a document of a mailbox")
+        doc = self._index_doc if doc_name == INDEX_DOC else self._load_shard(doc_name).doc
+        if check_causality and missing_dependencies(update, decode_state_vector(doc.get_state())):
+            held = self._held.setdefault(doc_name, [])
+            if len(held) >= MAX_HELD_UPDATES:
+                # The oldest is dropped, not lost: the state-vector exchange of the next sync brings it again.
+                held.pop(0)
+            held.append((update, origin))
+            return False
+        with self._operation():
+            self._integrate(doc_name, doc, update, origin)
+            waiting = self._held.get(doc_name)
+            while waiting:
+                state = decode_state_vector(doc.get_state())
+                ready = [entry for entry in waiting if not missing_dependencies(entry[0], state)]
+                if not ready:
+                    break
+                for entry in ready:
+                    waiting.remove(entry)
+                    self._integrate(doc_name, doc, entry[0], entry[1])
+        return True
+
+    def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any) -> None:
+        self._pending.origins.append(origin)
+        self._remote_origin = origin
+        try:
+            with doc.transaction(origin=origin):
+                doc.apply_update(update)
+        finally:
+            self._remote_origin = None
+        self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
+        self._pending.documents.add(doc_name)
+
+    def held_updates(self) -> int:
+        """Remote updates waiting for their dependencies."""
+        return sum(len(held) for held in self._held.values())
+
+    def loaded_shards(self) -> list[str]:
+        """The shards held in memory now."""
+        return sorted(self._shards)
+
+    def unload(self, shard_name: str) -> None:
+        """Drop a loaded shard from memory (it reloads from the backend when next needed)."""
+        if self._batch_depth == 0:
+            self._shards.pop(shard_name, None)
+
+    # ---------------------------------------------------------------------------------- full-state reads
+
+    def all_messages(self) -> Iterator[MessageView]:
+        """Every visible message of every stored shard (loads them all: for checks and exports)."""
+        for name in self.document_names():
+            if not is_shard_name(name):
+                continue
+            shard = self._load_shard(name)
+            flags = _flags_by_message(shard)
+            for message_id, value in shard.messages.items():
+                if message_id in shard.expunged:
+                    continue
+                folder = shard.placement.get(message_id)
+                yield MessageView(
+                    id=message_id,
+                    shard=name,
+                    folder_id=self._effective_folder(folder if isinstance(folder, str) else INBOX),
+                    envelope=Envelope.from_crdt(value),
+                    flags=frozenset(flags.get(message_id, ())),
+                )
+
+    def expunged_ids(self) -> set[str]:
+        """Ids with a tombstone, across every stored shard."""
+        result: set[str] = set()
+        for name in self.document_names():
+            if is_shard_name(name):
+                shard = self._load_shard(name)
+                result.update(shard.expunged.keys())
+        return result
+
+
+__all__ = [
+    "INBOX",
+    "INDEX_DOC",
+    "LOCAL",
+    "ROLES",
+    "SCHEMA_VERSION",
+    "TRASH",
+    "UNDATED",
+    "AddResult",
+    "Folder",
+    "Mailbox",
+    "MailboxChange",
+    "MessageView",
+    "is_document_name",
+    "is_shard_name",
+]

@@ -1,0 +1,252 @@
+"""From raw RFC 5322 bytes to what the CRDT stores: the message id, the shard month and the envelope.
+
+Every peer derives the same id and month from the same message, so independent imports of one mail meet in one
+place as one message.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from crdtmail.errors import MessageParseError
+
+UNDATED = "undated"
+MESSAGE_ID_LENGTH = 16  # base32 characters = 80 bits of SHA-256
+# Stored fields are capped so one hostile header cannot blow up every replica's documents; the full header
+# stays in the body blob.
+MAX_ADDRESS_FIELD = 512
+MAX_SUBJECT = 512
+MAX_MESSAGE_ID_HEADER = 250
+# Dates are stored as int seconds; the range keeps them well inside what pycrdt round-trips exactly.
+_MIN_DATE = dt.datetime(1970, 1, 2, tzinfo=dt.UTC)
+_MAX_DATE = dt.datetime(9999, 12, 1, tzinfo=dt.UTC)
+
+_header_parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The immutable summary of one message that every replica stores."""
+
+    message_id_header: str
+    sender: str
+    to: str
+    cc: str
+    subject: str
+    date: int | None
+    size: int
+    body_sha256: str
+
+    def to_crdt(self) -> dict[str, Any]:
+        """The plain value stored in a shard's ``messages`` map (short keys: they repeat in every message)."""
+        value: dict[str, Any] = {
+            "mid": self.message_id_header,
+            "from": self.sender,
+            "subj": self.subject,
+            "size": self.size,
+            "body": self.body_sha256,
+        }
+        if self.to:
+            value["to"] = self.to
+        if self.cc:
+            value["cc"] = self.cc
+        if self.date is not None:
+            value["date"] = self.date
+        return value
+
+    @classmethod
+    def from_crdt(cls, value: Any) -> Envelope:
+        """Read a stored value back, normalising pycrdt's floats to ints and tolerating missing fields."""
+        if not isinstance(value, dict):
+            value = {}
+        date = value.get("date")
+        return cls(
+            message_id_header=_as_str(value.get("mid")),
+            sender=_as_str(value.get("from")),
+            to=_as_str(value.get("to")),
+            cc=_as_str(value.get("cc")),
+            subject=_as_str(value.get("subj")),
+            date=_as_int(date) if date is not None else None,
+            size=_as_int(value.get("size")) or 0,
+            body_sha256=_as_str(value.get("body")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMessage:
+    """A raw message with everything derived from it."""
+
+    message_id: str
+    shard: str
+    envelope: Envelope
+    raw: bytes
+
+
+def _as_str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return None
+
+
+def body_hash(raw: bytes) -> str:
+    """The SHA-256 a body blob is named by, as lowercase hex."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _short_id(digest: bytes) -> str:
+    return base64.b32encode(digest).decode("ascii").lower()[:MESSAGE_ID_LENGTH]
+
+
+def normalise_message_id_header(value: str) -> str:
+    """The canonical form of a Message-ID header: the first ``<...>`` token without folding white space."""
+    text = "".join(value.split())
+    start = text.find("<")
+    if start != -1:
+        end = text.find(">", start + 1)
+        if end != -1 and end > start + 1:
+            return text[start : end + 1]
+    return f"<{text.strip('<>')}>" if text.strip("<>") else ""
+
+
+def message_id_for(message_id_header: str, raw: bytes) -> str:
+    """The stable id of a message: a hash of its normalised Message-ID, else of its raw bytes."""
+    if message_id_header:
+        return _short_id(hashlib.sha256(b"mid:" + message_id_header.encode("utf-8", "surrogatepass")).digest())
+    return _short_id(hashlib.sha256(raw).digest())
+
+
+def _decode_header(value: str | email.header.Header | None) -> str:
+    """Decode RFC 2047 words and raw 8-bit bytes (UTF-8, else Latin-1) into one line of text."""
+    if value is None:
+        return ""
+    if isinstance(value, email.header.Header):
+        # compat32 hands back a Header when the line has raw 8-bit bytes; turn those into text first, then
+        # decode any encoded words the text still holds.
+        value = "".join(
+            _bytes_to_text(chunk, None if charset == "unknown-8bit" else charset) if isinstance(chunk, bytes)
+            else chunk
+            for chunk, charset in email.header.decode_header(value)
+        )
+    text = _fix_surrogates(value)
+    try:
+        parts = email.header.decode_header(text)
+    except Exception:  # malformed encoded words: keep the text as it stands
+        parts = [(text, None)]
+    out: list[str] = []
+    for chunk, charset in parts:
+        out.append(_bytes_to_text(chunk, charset) if isinstance(chunk, bytes) else chunk)
+    return " ".join("".join(out).split())
+
+
+def _bytes_to_text(chunk: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8"):
+        if candidate:
+            try:
+                return chunk.decode(candidate, "strict")
+            except (LookupError, UnicodeDecodeError):
+                continue
+    return chunk.decode("latin-1")
+
+
+def _fix_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _parse_date(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(_fix_surrogates(value.strip()))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    try:
+        parsed = parsed.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        return None
+    if not _MIN_DATE <= parsed <= _MAX_DATE:
+        return None
+    return parsed
+
+
+def _header_section(raw: bytes) -> bytes:
+    """The bytes up to the blank line that ends the headers; the parser need not see a large body."""
+    lf, crlf = raw.find(b"\n\n"), raw.find(b"\r\n\r\n")
+    ends = [pos for pos in (lf, crlf) if pos != -1]
+    return raw[: min(ends) + 2] if ends else raw
+
+
+def shard_for_date(date: int | None) -> str:
+    """The month shard ("YYYY-MM", UTC) for a date in epoch seconds, or "undated"."""
+    if date is None:
+        return UNDATED
+    return dt.datetime.fromtimestamp(date, dt.UTC).strftime("%Y-%m")
+
+
+def parse_message(raw: bytes) -> ParsedMessage:
+    """Parse a raw RFC 5322 message. Raises MessageParseError when the bytes hold no header at all."""
+    if not raw.strip():
+        raise MessageParseError("the message is empty: nothing to import")
+    try:
+        headers = _header_parser.parsebytes(_header_section(raw))
+    except Exception as exc:  # the stdlib parser is lenient; anything it raises means unusable bytes
+        raise MessageParseError(f"the message headers cannot be parsed ({exc}); is this an RFC 5322 file?") from exc
+    if not headers.keys():
+        raise MessageParseError("the message has no header lines; is this an RFC 5322 file?")
+
+    mid_header = _cap(normalise_message_id_header(_fix_surrogates(str(headers.get("Message-ID") or ""))),
+                      MAX_MESSAGE_ID_HEADER)
+    date = _parse_date(headers.get("Date"))
+    if date is None:
+        # The newest Received header is the first one: each hop prepends its own.
+        received = headers.get("Received")
+        if received and ";" in str(received):
+            date = _parse_date(str(received).rsplit(";", 1)[1])
+    epoch = int(date.timestamp()) if date is not None else None
+    envelope = Envelope(
+        message_id_header=mid_header,
+        sender=_cap(_decode_header(headers.get("From")), MAX_ADDRESS_FIELD),
+        to=_cap(_decode_header(headers.get("To")), MAX_ADDRESS_FIELD),
+        cc=_cap(_decode_header(headers.get("Cc")), MAX_ADDRESS_FIELD),
+        subject=_cap(_decode_header(headers.get("Subject")), MAX_SUBJECT),
+        date=epoch,
+        size=len(raw),
+        body_sha256=body_hash(raw),
+    )
+    return ParsedMessage(
+        message_id=message_id_for(mid_header, raw),
+        shard=shard_for_date(epoch),
+        envelope=envelope,
+        raw=raw,
+    )
