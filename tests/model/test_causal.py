@@ -1,0 +1,104 @@
+"""The Yjs update reader behind causal hold-back: ranges, references and delete sets, and hostile bytes."""
+
+from __future__ import annotations
+
+import random
+
+import pycrdt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crdtmail.model.causal import UpdateDecodeError, decode_shape, decode_state_vector, missing_dependencies
+
+
+def _random_history(seed: int, steps: int = 300) -> list[list[bytes]]:
+    """Three documents editing maps and arrays, syncing now and then; each records its own updates."""
+    rng = random.Random(seed)
+    docs: list[pycrdt.Doc[object]] = [pycrdt.Doc() for _ in range(3)]
+    updates: list[list[bytes]] = [[] for _ in docs]
+    for index, doc in enumerate(docs):
+        doc.observe(lambda event, index=index: updates[index].append(event.update))
+    for _ in range(steps):
+        index = rng.randrange(3)
+        doc = docs[index]
+        values = doc.get("m", type=pycrdt.Map)
+        items = doc.get("a", type=pycrdt.Array)
+        op = rng.random()
+        with doc.transaction():
+            if op < 0.5:
+                values[str(rng.randrange(20))] = rng.choice(
+                    [True, False, 1.5, "é😀", {"a": [1, None, {"b": "x"}]}, 2**40, -5, b"raw"]
+                )
+            elif op < 0.65 and len(values):
+                del values[rng.choice(list(values.keys()))]
+            elif op < 0.85:
+                items.append(rng.choice([1, "x", pycrdt.Map({"k": 1})]))
+            elif len(items):
+                del items[0]
+        if rng.random() < 0.2:
+            other = docs[rng.randrange(3)]
+            if other is not doc:
+                other.apply_update(doc.get_update(other.get_state()))
+    return updates
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranges_match_what_yrs_integrates(seed: int) -> None:
+    for history in _random_history(seed):
+        replay: pycrdt.Doc[object] = pycrdt.Doc()
+        ends: dict[int, int] = {}
+        for update in history:
+            assert not missing_dependencies(update, decode_state_vector(replay.get_state()))
+            replay.apply_update(update)
+            for client, (_, end) in decode_shape(update).ranges.items():
+                ends[client] = max(ends.get(client, 0), end)
+            assert ends == decode_state_vector(replay.get_state())
+
+
+def test_gaps_references_and_deletes_are_missing_dependencies() -> None:
+    source: pycrdt.Doc[object] = pycrdt.Doc()
+    values = source.get("m", type=pycrdt.Map)
+    updates: list[bytes] = []
+    source.observe(lambda event: updates.append(event.update))
+    for key, value in (("k", 1), ("x", "a"), ("x", "b")):
+        with source.transaction():
+            values[key] = value
+    empty: dict[int, int] = {}
+    assert not missing_dependencies(updates[0], empty)
+    assert missing_dependencies(updates[1], empty)  # a clock gap
+    after_first = decode_state_vector(pycrdt.get_state(updates[0]))
+    assert not missing_dependencies(updates[1], after_first)
+    assert missing_dependencies(updates[2], after_first)  # overwrites (deletes) an item not known yet
+
+    # Another client's overwrite refers to the first client's item through its origin.
+    other: pycrdt.Doc[object] = pycrdt.Doc()
+    other.apply_update(source.get_update())
+    later: list[bytes] = []
+    other.observe(lambda event: later.append(event.update))
+    with other.transaction():
+        other.get("m", type=pycrdt.Map)["x"] = "c"
+    assert missing_dependencies(later[0], empty)
+    assert not missing_dependencies(later[0], decode_state_vector(source.get_state()))
+
+
+def test_merged_updates_decode() -> None:
+    history = _random_history(9)
+    merged = pycrdt.merge_updates(*[u for updates in history for u in updates])
+    assert decode_shape(merged).ranges
+
+
+@given(st.binary(max_size=200))
+def test_hostile_bytes_never_crash_the_reader(data: bytes) -> None:
+    try:
+        decode_shape(data)
+    except UpdateDecodeError:
+        pass
+
+
+def test_truncated_updates_are_rejected() -> None:
+    update = _random_history(1, steps=20)[0][0]
+    decode_shape(update)
+    for cut in range(len(update)):
+        with pytest.raises(UpdateDecodeError):
+            decode_shape(update[:cut])
