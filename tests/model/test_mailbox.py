@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -15,19 +16,25 @@ from crdtmail.errors import (
     UnknownFolderError,
     UnknownMessageError,
 )
-from crdtmail.model.backend import CommitBatch, DocumentUpdate
+from crdtmail.model.backend import CommitBatch, DocumentUpdate, MailboxBackend
 from crdtmail.model.mailbox import INBOX, LOCAL, TRASH, Mailbox, MailboxChange
 from crdtmail.storage.memory import MemoryBackend
+from crdtmail.storage.sqlite import SqliteStore
 from tests.conftest import make_raw
 
 
-@pytest.fixture
-def backend() -> MemoryBackend:
-    return MemoryBackend()
+@pytest.fixture(params=["memory", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> MailboxBackend:
+    """Every model test runs on both backends: they promise the same contract."""
+    if request.param == "memory":
+        return MemoryBackend()
+    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    request.addfinalizer(store.close)
+    return store.backend("test")
 
 
 @pytest.fixture
-def mailbox(backend: MemoryBackend) -> Mailbox:
+def mailbox(backend: MailboxBackend) -> Mailbox:
     return Mailbox("test", backend)
 
 
@@ -187,7 +194,7 @@ def test_counts(mailbox: Mailbox) -> None:
     assert mailbox.counts()[INBOX].unread == 0
 
 
-def test_reads_do_not_load_every_shard(backend: MemoryBackend) -> None:
+def test_reads_do_not_load_every_shard(backend: MailboxBackend) -> None:
     mailbox = Mailbox("m", backend)
     with mailbox.batch():
         for month in range(1, 13):
@@ -225,7 +232,7 @@ def test_remote_updates_apply_and_fire_events_with_origin() -> None:
         b.apply_update("index", outbox[0][1], origin=LOCAL)
 
 
-def test_updates_out_of_order_are_held_until_they_apply(backend: MemoryBackend) -> None:
+def test_updates_out_of_order_are_held_until_they_apply(backend: MailboxBackend) -> None:
     a = Mailbox("m", MemoryBackend())
     b = Mailbox("m", backend)
     b.apply_update("index", a.encode_document("index"), origin="a")
@@ -269,7 +276,7 @@ def test_yrs_loses_an_overwrite_when_pending_updates_integrate_together() -> Non
     assert careful_doc.get("m", type=pycrdt.Map).to_py()["x"] == "b"
 
 
-def test_state_reloads_from_backend(backend: MemoryBackend) -> None:
+def test_state_reloads_from_backend(backend: MailboxBackend) -> None:
     a = Mailbox("m", backend)
     mid = a.add(make_raw(), folder="Sent", flags=["flagged"]).message_id
     a.create_folder("X/Y")
@@ -300,7 +307,7 @@ def test_concurrent_expunge_beats_unaware_add() -> None:
         assert box.counts()[INBOX].total == 0
 
 
-def test_derived_index_matches_recomputation_after_random_operations(backend: MemoryBackend) -> None:
+def test_derived_index_matches_recomputation_after_random_operations(backend: MailboxBackend) -> None:
     rng = random.Random(7)
     mailbox = Mailbox("m", backend)
     mailbox.create_folder("Work")

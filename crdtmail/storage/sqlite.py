@@ -1,0 +1,438 @@
+"""The peer's durable store: one SQLite database (WAL) per data directory.
+
+Per mailbox it keeps each document as a snapshot plus an append-only log of updates, folded into a new snapshot
+once the log outgrows it; the state vector of each document, so a sync can be answered without loading it; the
+derived index rows; and, shared by all mailboxes, the content-addressed body blobs.
+
+A ``commit`` is one SQLite transaction. With ``synchronous=NORMAL`` (the default) a committed transaction is in
+the WAL file before ``commit`` returns, so it survives SIGKILL of the process; ``FULL`` also fsyncs it, so it
+survives a power cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pycrdt
+
+from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
+from crdtmail.model.backend import CommitBatch, FolderCount, IndexRow
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x63726D6C  # "crml": marks the file as a crdtmail database
+COMPACT_MIN_LOG_BYTES = 64 * 1024
+COMPACT_MAX_LOG_COUNT = 2000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    mailbox TEXT NOT NULL,
+    name TEXT NOT NULL,
+    snapshot BLOB,
+    snapshot_bytes INTEGER NOT NULL DEFAULT 0,
+    log_bytes INTEGER NOT NULL DEFAULT 0,
+    log_count INTEGER NOT NULL DEFAULT 0,
+    state_vector BLOB NOT NULL,
+    PRIMARY KEY (mailbox, name)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mailbox TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS updates_by_document ON updates (mailbox, name, id);
+CREATE TABLE IF NOT EXISTS rows (
+    mailbox TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    shard TEXT NOT NULL,
+    folder_id TEXT NOT NULL,
+    date INTEGER NOT NULL,
+    seen INTEGER NOT NULL,
+    flags TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rows_by_folder ON rows (mailbox, folder_id, date DESC, message_id DESC);
+CREATE INDEX IF NOT EXISTS rows_by_shard ON rows (mailbox, shard);
+CREATE TABLE IF NOT EXISTS indexed_shards (
+    mailbox TEXT NOT NULL,
+    shard TEXT NOT NULL,
+    state_vector BLOB NOT NULL,
+    PRIMARY KEY (mailbox, shard)
+);
+CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, data BLOB NOT NULL);
+"""
+
+
+def _storage_error(action: str, path: Path, exc: sqlite3.Error) -> StorageError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+        return CorruptStoreError(
+            f"{path} is damaged or is not a crdtmail database ({text}); restore it from a backup or move it away "
+            "and let this peer resync from another"
+        )
+    hint = "free some disk space" if "full" in text else "check its permissions and that no other program locks it"
+    return StorageError(f"cannot {action} {path}: {text}; {hint}")
+
+
+class SqliteStore:
+    """One peer's SQLite database: documents, update logs, derived index rows and blobs of every mailbox."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._connection = connection
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True, synchronous: str = "NORMAL") -> SqliteStore:
+        """Open (or create) the database at ``path``; raises CorruptStoreError for a file that is not ours."""
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise StorageError(f'synchronous must be "NORMAL" or "FULL", not {synchronous!r}')
+        if not create and not path.exists():
+            raise StorageError(f"no crdtmail database at {path}; run `crdtmail init` first")
+        fresh = not path.exists() or path.stat().st_size == 0
+        try:
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _storage_error("open", path, exc) from exc
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            connection.execute("PRAGMA foreign_keys=OFF")
+            application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+            if fresh:
+                with _transaction(connection):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
+                    connection.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                    connection.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    )
+            elif application_id != APPLICATION_ID:
+                raise CorruptStoreError(
+                    f"{path} is a SQLite database but not a crdtmail one; point --data-dir at a crdtmail data dir"
+                )
+            else:
+                row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise CorruptStoreError(
+                        f"{path} was written by a newer crdtmail (schema {version}, this one knows {SCHEMA_VERSION}); "
+                        "upgrade crdtmail"
+                    )
+                if version < SCHEMA_VERSION:
+                    raise CorruptStoreError(f"{path} has an unknown schema version {version}; it cannot be read")
+        except sqlite3.Error as exc:
+            connection.close()
+            raise _storage_error("open", path, exc) from exc
+        except CorruptStoreError:
+            connection.close()
+            raise
+        return cls(path, connection)
+
+    def close(self) -> None:
+        """Close the database; every committed change is already durable."""
+        self._connection.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._connection.execute(sql, parameters).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error("read", self.path, exc) from exc
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the meta table (peer identity and the like)."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the meta table, durably."""
+        try:
+            with _transaction(self._connection):
+                self._connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        except sqlite3.Error as exc:
+            raise _storage_error("write", self.path, exc) from exc
+
+    def mailbox_names(self) -> list[str]:
+        """Mailboxes with at least one stored document."""
+        return [row[0] for row in self._query("SELECT DISTINCT mailbox FROM documents ORDER BY mailbox")]
+
+    def backend(self, mailbox: str) -> SqliteMailboxBackend:
+        """The MailboxBackend of one mailbox in this database."""
+        return SqliteMailboxBackend(self, mailbox)
+
+    def file_size(self) -> int:
+        """Bytes on disk of the database and its WAL."""
+        return sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal")) if p.exists())
+
+    def stats(self, mailbox: str) -> dict[str, int]:
+        """Document count and stored bytes of one mailbox."""
+        documents = self._query(
+            "SELECT count(*), coalesce(sum(snapshot_bytes), 0), coalesce(sum(log_bytes), 0),"
+            " coalesce(sum(log_count), 0) FROM documents WHERE mailbox = ?",
+            (mailbox,),
+        )[0]
+        return {
+            "documents": int(documents[0]),
+            "snapshot_bytes": int(documents[1]),
+            "log_bytes": int(documents[2]),
+            "log_updates": int(documents[3]),
+        }
+
+    def integrity_check(self) -> str:
+        """SQLite's own integrity check ("ok" when the file is sound)."""
+        return str(self._query("PRAGMA integrity_check")[0][0])
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+class SqliteMailboxBackend:
+    """The MailboxBackend of one mailbox inside a SqliteStore."""
+
+    def __init__(self, store: SqliteStore, mailbox: str) -> None:
+        self._store = store
+        self._connection = store._connection
+        self.mailbox = mailbox
+
+    def load_document(self, doc_name: str) -> bytes | None:
+        """The snapshot and every logged update, merged into one update."""
+        rows = self._store._query(
+            "SELECT snapshot FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
+        )
+        if not rows:
+            return None
+        parts = [rows[0][0]] if rows[0][0] else []
+        parts.extend(
+            row[0]
+            for row in self._store._query(
+                "SELECT data FROM updates WHERE mailbox = ? AND name = ? ORDER BY id", (self.mailbox, doc_name)
+            )
+        )
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else pycrdt.merge_updates(*parts)
+
+    def document_names(self) -> list[str]:
+        """Every stored document of the mailbox."""
+        rows = self._store._query("SELECT name FROM documents WHERE mailbox = ? ORDER BY name", (self.mailbox,))
+        return [row[0] for row in rows]
+
+    def state_vector(self, doc_name: str) -> bytes | None:
+        """The state vector stored with the document's last update."""
+        rows = self._store._query(
+            "SELECT state_vector FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    def commit(self, batch: CommitBatch) -> None:
+        """Write the batch in one transaction; blobs are verified first, so a bad one leaves nothing behind."""
+        if batch.is_empty():
+            return
+        for sha256, data in batch.blobs.items():
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise BlobIntegrityError(f"blob {sha256} does not hash to its name; nothing was committed")
+        connection = self._connection
+        mailbox = self.mailbox
+        try:
+            with _transaction(connection):
+                self._append_updates(batch)
+                if batch.replace_shards:
+                    shards = [(mailbox, shard) for shard in batch.replace_shards]
+                    connection.executemany("DELETE FROM rows WHERE mailbox = ? AND shard = ?", shards)
+                    connection.executemany("DELETE FROM indexed_shards WHERE mailbox = ? AND shard = ?", shards)
+                if batch.rows_delete:
+                    connection.executemany(
+                        "DELETE FROM rows WHERE mailbox = ? AND message_id = ?",
+                        [(mailbox, message_id) for message_id in batch.rows_delete],
+                    )
+                if batch.rows_upsert:
+                    connection.executemany(
+                        "INSERT OR REPLACE INTO rows (mailbox, message_id, shard, folder_id, date, seen, flags,"
+                        " sender, subject, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (mailbox, r.message_id, r.shard, r.folder_id, r.date, int(r.seen), " ".join(r.flags),
+                             r.sender, r.subject, r.size)
+                            for r in batch.rows_upsert.values()
+                        ],
+                    )
+                if batch.indexed_shards:
+                    connection.executemany(
+                        "INSERT OR REPLACE INTO indexed_shards (mailbox, shard, state_vector) VALUES (?, ?, ?)",
+                        [(mailbox, shard, vector) for shard, vector in batch.indexed_shards.items()],
+                    )
+                if batch.blobs:
+                    connection.executemany(
+                        "INSERT OR IGNORE INTO blobs (sha256, size, data) VALUES (?, ?, ?)",
+                        [(sha256, len(data), data) for sha256, data in batch.blobs.items()],
+                    )
+        except sqlite3.Error as exc:
+            raise _storage_error("write to", self._store.path, exc) from exc
+
+    def _append_updates(self, batch: CommitBatch) -> None:
+        connection = self._connection
+        mailbox = self.mailbox
+        touched: dict[str, tuple[int, int, bytes]] = {}  # name -> (added bytes, added count, state vector)
+        rows = []
+        for update in batch.updates:
+            rows.append((mailbox, update.doc_name, update.update))
+            added_bytes, added_count, _ = touched.get(update.doc_name, (0, 0, b""))
+            touched[update.doc_name] = (added_bytes + len(update.update), added_count + 1, update.state_vector)
+        if not rows:
+            return
+        connection.executemany("INSERT INTO updates (mailbox, name, data) VALUES (?, ?, ?)", rows)
+        for name, (added_bytes, added_count, state_vector) in touched.items():
+            current = connection.execute(
+                "SELECT snapshot_bytes, log_bytes, log_count FROM documents WHERE mailbox = ? AND name = ?",
+                (mailbox, name),
+            ).fetchone()
+            if current is None:
+                connection.execute(
+                    "INSERT INTO documents (mailbox, name, snapshot, snapshot_bytes, log_bytes, log_count,"
+                    " state_vector) VALUES (?, ?, NULL, 0, ?, ?, ?)",
+                    (mailbox, name, added_bytes, added_count, state_vector),
+                )
+                snapshot_bytes, log_bytes, log_count = 0, added_bytes, added_count
+            else:
+                snapshot_bytes = current[0]
+                log_bytes, log_count = current[1] + added_bytes, current[2] + added_count
+                connection.execute(
+                    "UPDATE documents SET log_bytes = ?, log_count = ?, state_vector = ?"
+                    " WHERE mailbox = ? AND name = ?",
+                    (log_bytes, log_count, state_vector, mailbox, name),
+                )
+            if log_bytes > max(snapshot_bytes, COMPACT_MIN_LOG_BYTES) or log_count > COMPACT_MAX_LOG_COUNT:
+                self._compact(name)
+
+    def _compact(self, name: str) -> None:
+        """Fold the log into a new snapshot, inside the caller's transaction."""
+        connection = self._connection
+        snapshot = connection.execute(
+            "SELECT snapshot FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, name)
+        ).fetchone()[0]
+        log = connection.execute(
+            "SELECT id, data FROM updates WHERE mailbox = ? AND name = ? ORDER BY id", (self.mailbox, name)
+        ).fetchall()
+        parts = ([snapshot] if snapshot else []) + [row[1] for row in log]
+        merged = pycrdt.merge_updates(*parts)
+        connection.execute(
+            "UPDATE documents SET snapshot = ?, snapshot_bytes = ?, log_bytes = 0, log_count = 0"
+            " WHERE mailbox = ? AND name = ?",
+            (merged, len(merged), self.mailbox, name),
+        )
+        connection.execute(
+            "DELETE FROM updates WHERE mailbox = ? AND name = ? AND id <= ?", (self.mailbox, name, log[-1][0])
+        )
+
+    def indexed_state_vectors(self) -> dict[str, bytes]:
+        """For each shard with rows, the state vector they were derived at."""
+        rows = self._store._query(
+            "SELECT shard, state_vector FROM indexed_shards WHERE mailbox = ?", (self.mailbox,)
+        )
+        return {row[0]: bytes(row[1]) for row in rows}
+
+    def locate(self, message_id: str) -> str | None:
+        """The shard of a visible message."""
+        rows = self._store._query(
+            "SELECT shard FROM rows WHERE mailbox = ? AND message_id = ?", (self.mailbox, message_id)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def find_ids(self, prefix: str, limit: int) -> list[str]:
+        """Visible ids starting with ``prefix`` (a range scan on the primary key)."""
+        rows = self._store._query(
+            "SELECT message_id FROM rows WHERE mailbox = ? AND message_id >= ? AND message_id < ?"
+            " ORDER BY message_id LIMIT ?",
+            (self.mailbox, prefix, prefix + "\U0010ffff", limit),
+        )
+        return [row[0] for row in rows]
+
+    def list_folder(self, folder_ids: Sequence[str], offset: int, limit: int) -> list[IndexRow]:
+        """Rows of the folders, newest first, from the folder index."""
+        if not folder_ids:
+            return []
+        marks = ",".join("?" * len(folder_ids))
+        rows = self._store._query(
+            "SELECT message_id, shard, folder_id, date, flags, sender, subject, size FROM rows"
+            f" WHERE mailbox = ? AND folder_id IN ({marks}) ORDER BY date DESC, message_id DESC LIMIT ? OFFSET ?",
+            (self.mailbox, *folder_ids, limit, offset),
+        )
+        return [_row(row) for row in rows]
+
+    def ids_in_folder(self, folder_id: str) -> list[str]:
+        """Every visible id placed in the folder."""
+        rows = self._store._query(
+            "SELECT message_id FROM rows WHERE mailbox = ? AND folder_id = ?", (self.mailbox, folder_id)
+        )
+        return [row[0] for row in rows]
+
+    def folder_counts(self) -> dict[str, FolderCount]:
+        """Total and unread per folder id, counted by SQLite."""
+        rows = self._store._query(
+            "SELECT folder_id, count(*), count(*) - sum(seen) FROM rows WHERE mailbox = ? GROUP BY folder_id",
+            (self.mailbox,),
+        )
+        return {row[0]: FolderCount(int(row[1]), int(row[2])) for row in rows}
+
+    def all_rows(self) -> Iterable[IndexRow]:
+        """Every derived row of the mailbox."""
+        rows = self._store._query(
+            "SELECT message_id, shard, folder_id, date, flags, sender, subject, size FROM rows WHERE mailbox = ?",
+            (self.mailbox,),
+        )
+        return [_row(row) for row in rows]
+
+    def get_blob(self, sha256: str) -> bytes | None:
+        """A blob by hash, verified on the way out."""
+        rows = self._store._query("SELECT data FROM blobs WHERE sha256 = ?", (sha256,))
+        if not rows:
+            return None
+        data = bytes(rows[0][0])
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobIntegrityError(
+                f"blob {sha256} in {self._store.path} is corrupt (its bytes do not match its SHA-256); "
+                "it will be fetched again from a peer that has it"
+            )
+        return data
+
+    def has_blob(self, sha256: str) -> bool:
+        """Whether the blob is stored."""
+        return bool(self._store._query("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)))
+
+
+def _row(row: Sequence[Any]) -> IndexRow:
+    return IndexRow(
+        message_id=row[0],
+        shard=row[1],
+        folder_id=row[2],
+        date=int(row[3]),
+        flags=tuple(row[4].split()) if row[4] else (),
+        sender=row[5],
+        subject=row[6],
+        size=int(row[7]),
+    )
