@@ -1,0 +1,26 @@
+"""``python -m bench [SCENARIO] [options]``: run benchmarks and write their results under bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import import_bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen scenario."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="scenario")
+    p = sub.add_parser("import", help="import a generated Maildir; open, list and count cold")
+    import_bench.add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.scenario in (None, "import"):
+        if args.scenario is None:
+            args = parser.parse_args(["import", *(argv or sys.argv[1:])])
+        return import_bench.run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Helpers shared by benchmarks: machine facts, child processes with peak RSS, result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+WORK_DIR = BENCH_DIR / ".work"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, Python and library versions: what a reader needs to compare figures."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pycrdt": version("pycrdt"),
+        "websockets": version("websockets"),
+        "platform": platform.platform(),
+    }
+
+
+SELF_REPORT = """
+import resource, sys, orjson
+def report(**figures):
+    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(orjson.dumps(figures).decode() + "\\n")
+"""
+
+
+def python_child(code: str, *args: str, timeout: float = 3600) -> dict[str, Any]:
+    """Run Python code in a fresh interpreter of this venv; the code calls ``report(**figures)`` once.
+
+    The child measures its own peak RSS (ru_maxrss of RUSAGE_SELF), so only that process counts.
+    """
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", SELF_REPORT + code, *args],
+        capture_output=True, text=True, timeout=timeout, cwd=BENCH_DIR.parent,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+    figures: dict[str, Any] = orjson.loads(result.stdout.strip().splitlines()[-1])
+    figures["process_seconds"] = time.perf_counter() - started
+    return figures
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Write a result file bench/results/<date>-<host>-<name>.json and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%S")
+    path = RESULTS_DIR / f"{stamp}-{socket.gethostname()}-{name}.json"
+    path.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    return path

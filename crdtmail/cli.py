@@ -1,0 +1,532 @@
+"""The ``crdtmail`` command line: every command works offline, on this peer's own replica.
+
+Each failure prints one line on stderr (``crdtmail: error: ...``) saying what failed and what to do, and exits
+non-zero: 1 for a refused operation or bad input, 2 for a usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import email
+import email.policy
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from crdtmail import __version__
+from crdtmail.config import resolve_data_dir
+from crdtmail.errors import CrdtmailError, ModelError
+from crdtmail.model.backend import IndexRow
+from crdtmail.model.flags import LETTER_FOR_FLAG
+from crdtmail.model.mailbox import Folder, Mailbox, MessageView
+from crdtmail.replica import ImportReport, Replica, import_source
+
+log = logging.getLogger("crdtmail")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _emit_json(value: Any, out: TextIO) -> None:
+    out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode("utf-8") + "\n")
+
+
+def _format_date(epoch: int | None) -> str:
+    if not epoch:
+        return "(no date)       "
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _flag_letters(flags: Sequence[str] | frozenset[str]) -> str:
+    """Compact flags for a listing: N for unread, then Maildir letters, then a + for keywords."""
+    letters = "" if "\\Seen" in flags else "N"
+    letters += "".join(sorted(LETTER_FOR_FLAG[f] for f in flags if f in LETTER_FOR_FLAG and f != "\\Seen"))
+    if any(f not in LETTER_FOR_FLAG for f in flags):
+        letters += "+"
+    return letters
+
+
+def _row_json(row: IndexRow) -> dict[str, Any]:
+    return {
+        "id": row.message_id,
+        "date": row.date or None,
+        "from": row.sender,
+        "subject": row.subject,
+        "size": row.size,
+        "flags": list(row.flags),
+        "folder": row.folder_id,
+    }
+
+
+def _message_json(message: MessageView, folder: Folder) -> dict[str, Any]:
+    env = message.envelope
+    return {
+        "id": message.id,
+        "shard": message.shard,
+        "folder": folder.path,
+        "folder_id": folder.id,
+        "flags": sorted(message.flags),
+        "message_id": env.message_id_header,
+        "from": env.sender,
+        "to": env.to,
+        "cc": env.cc,
+        "subject": env.subject,
+        "date": env.date,
+        "size": env.size,
+        "body_sha256": env.body_sha256,
+    }
+
+
+class Progress:
+    """A one-line progress bar with rate and ETA on a terminal; silent otherwise."""
+
+    def __init__(self, label: str, stream: TextIO) -> None:
+        self._label = label
+        self._stream = stream
+        self._enabled = stream.isatty()
+        self._started = time.perf_counter()
+        self._last_draw = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last_draw < 0.1 and done < total:
+            return
+        self._last_draw = now
+        elapsed = max(now - self._started, 1e-6)
+        rate = done / elapsed
+        fraction = done / total if total else 1.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        width = max(10, min(40, shutil.get_terminal_size((80, 20)).columns - 60))
+        filled = int(width * fraction)
+        bar = "#" * filled + "-" * (width - filled)
+        self._stream.write(
+            f"\r{self._label} [{bar}] {fraction:4.0%} {done}/{total} {rate:,.0f} msg/s ETA {eta:4.0f}s "
+        )
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """End the progress line."""
+        if self._enabled:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _open(args: argparse.Namespace) -> Replica:
+    return Replica.open(args.data_dir, config_path=args.config)
+
+
+def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
+    with Replica.init(args.data_dir, config_path=args.config) as replica:
+        out.write(f"initialised {replica.data_dir} (peer {replica.peer_id})\n")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    path = Path(args.path).expanduser()
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox, create=True)
+        progress = Progress("importing", sys.stderr)
+        try:
+            report = import_source(mailbox, path, progress=progress)
+        finally:
+            progress.finish()
+    return _print_import_report(report, path, args, out)
+
+
+def _print_import_report(report: ImportReport, path: Path, args: argparse.Namespace, out: TextIO) -> int:
+    if args.json:
+        _emit_json(
+            {
+                "path": str(path),
+                "total": report.total,
+                "added": report.added,
+                "already_present": report.already_present,
+                "expunged_skipped": report.expunged_skipped,
+                "problems": [{"source": p.source, "reason": p.reason} for p in report.problems],
+                "skipped": report.skipped,
+                "seconds": round(report.seconds, 3),
+            },
+            out,
+        )
+    else:
+        out.write(
+            f"imported {report.added} new messages from {path} ({report.already_present} already present, "
+            f"{report.expunged_skipped} kept expunged, {len(report.problems)} problems) "
+            f"in {report.seconds:.1f}s, {report.rate:,.0f} msg/s\n"
+        )
+    for problem in report.problems:
+        sys.stderr.write(f"crdtmail: warning: not imported: {problem.source}: {problem.reason}\n")
+    for skipped in report.skipped:
+        log.info("skipped %s", skipped)
+    if report.problems:
+        sys.stderr.write(
+            f"crdtmail: error: {len(report.problems)} files could not be imported (listed above); the rest were "
+            "imported; fix or remove those files and run the import again\n"
+        )
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox)
+        folder = mailbox.folder(args.folder)
+        rows = mailbox.list_folder(folder.id, offset=args.offset, limit=args.limit)
+        count = mailbox.counts().get(folder.id)
+        if args.json:
+            _emit_json(
+                {
+                    "folder": folder.path,
+                    "total": count.total if count else 0,
+                    "unread": count.unread if count else 0,
+                    "offset": args.offset,
+                    "messages": [_row_json(row) for row in rows],
+                },
+                out,
+            )
+            return EXIT_OK
+        total = count.total if count else 0
+        unread = count.unread if count else 0
+        out.write(f"{folder.path}: {total} messages, {unread} unread\n")
+        columns = shutil.get_terminal_size((120, 20)).columns
+        for row in rows:
+            sender = row.sender[:24].ljust(24)
+            line = f"{row.message_id}  {_format_date(row.date)}  {_flag_letters(row.flags):4} {sender}  {row.subject}"
+            out.write(line[: max(columns, 80)] + "\n")
+        if args.offset + len(rows) < total:
+            out.write(f"... {total - args.offset - len(rows)} more: --offset {args.offset + len(rows)}\n")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox)
+        message = mailbox.message(mailbox.resolve(args.id))
+        body = mailbox.body(message.id)
+        if args.raw:
+            if body is None:
+                raise ModelError(f"the body of message {message.id} is not stored on this peer")
+            sys.stdout.buffer.write(body)
+            sys.stdout.flush()
+            return EXIT_OK
+        folder = mailbox.folder(message.folder_id)
+        if args.json:
+            value = _message_json(message, folder)
+            value["body_available"] = body is not None
+            _emit_json(value, out)
+            return EXIT_OK
+        env = message.envelope
+        out.write(
+            f"Id:      {message.id}\nFolder:  {folder.path}\nFlags:   {' '.join(sorted(message.flags)) or '-'}\n"
+            f"Date:    {_format_date(env.date)}\nFrom:    {env.sender}\nTo:      {env.to}\n"
+        )
+        if env.cc:
+            out.write(f"Cc:      {env.cc}\n")
+        out.write(f"Subject: {env.subject}\nSize:    {env.size} bytes\n\n")
+        out.write(_body_text(body) if body is not None else "(the body is not stored on this peer)\n")
+    return EXIT_OK
+
+
+def _body_text(raw: bytes) -> str:
+    """The first text/plain part, decoded, for reading in a terminal."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    part = message.get_body(preferencelist=("plain", "html"))
+    if part is None:
+        return "(no text part)\n"
+    try:
+        text = part.get_content()
+    except (LookupError, ValueError, AssertionError):
+        payload = part.get_payload(decode=True)
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload)
+    return text if isinstance(text, str) and text.endswith("\n") else f"{text}\n"
+
+
+def cmd_flag(args: argparse.Namespace, out: TextIO) -> int:
+    add: list[str] = []
+    remove: list[str] = []
+    for change in args.changes:
+        # "-seen" looks like an option to argparse, so the changes are taken verbatim; pick out real options.
+        if change == "--json":
+            args.json = True
+            continue
+        if change.startswith("+") and len(change) > 1:
+            add.append(change[1:])
+        elif change.startswith("-") and len(change) > 1:
+            remove.append(change[1:])
+        else:
+            raise ModelError(f"flag change {change!r} must start with + or -, e.g. +seen -flagged")
+    if not add and not remove:
+        raise ModelError("name at least one flag change, e.g. `crdtmail flag ID +seen -flagged`")
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox)
+        message_id = mailbox.resolve(args.id)
+        changed = mailbox.set_flags(message_id, add=add, remove=remove)
+        flags = mailbox.message(message_id).flags
+        if args.json:
+            _emit_json({"id": message_id, "changed": changed, "flags": sorted(flags)}, out)
+        else:
+            out.write(f"{message_id}: {' '.join(sorted(flags)) or 'no flags'}{'' if changed else ' (unchanged)'}\n")
+    return EXIT_OK
+
+
+def cmd_move(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox)
+        message_id = mailbox.resolve(args.id)
+        folder = mailbox.folder(args.folder)
+        moved = mailbox.move(message_id, folder.id)
+        out.write(f"{message_id}: in {folder.path}{'' if moved else ' already'}\n")
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox)
+        message_id = mailbox.resolve(args.id)
+        mailbox.delete(message_id)
+        out.write(f"{message_id}: moved to {mailbox.folder(mailbox.message(message_id).folder_id).path}\n")
+    return EXIT_OK
+
+
+def cmd_expunge(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailbox = replica.mailbox(args.mailbox)
+        message_id = mailbox.resolve(args.id)
+        mailbox.expunge(message_id)
+        out.write(f"{message_id}: expunged\n")
+    return EXIT_OK
+
+
+def cmd_folders(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        action = args.action or "list"
+        mailbox = replica.mailbox(args.mailbox, create=action == "create")
+        if action == "create":
+            folder = mailbox.create_folder(args.name, role=args.role)
+            out.write(f"created {folder.path} ({folder.id})\n")
+        elif action == "rename":
+            folder = mailbox.rename_folder(args.name, args.new_name)
+            out.write(f"renamed to {folder.path} ({folder.id})\n")
+        elif action == "delete":
+            mailbox.delete_folder(args.name, move_to_trash=args.move_to_trash)
+            out.write(f"deleted {args.name}\n")
+        else:
+            _list_folders(mailbox, args, out)
+    return EXIT_OK
+
+
+def _list_folders(mailbox: Mailbox, args: argparse.Namespace, out: TextIO) -> None:
+    counts = mailbox.counts()
+    folders = mailbox.folders()
+    if args.json:
+        _emit_json(
+            [
+                {
+                    "id": f.id,
+                    "path": f.path,
+                    "role": f.role,
+                    "total": counts[f.id].total if f.id in counts else 0,
+                    "unread": counts[f.id].unread if f.id in counts else 0,
+                }
+                for f in folders
+            ],
+            out,
+        )
+        return
+    width = max((len(f.path) for f in folders), default=10)
+    for f in folders:
+        count = counts.get(f.id)
+        out.write(
+            f"{f.path.ljust(width)}  {count.total if count else 0:>7} total {count.unread if count else 0:>7} unread"
+            f"  {f.role or ''}\n"
+        )
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailboxes = []
+        for name in replica.mailbox_names():
+            mailbox = replica.mailbox(name)
+            counts = mailbox.counts()
+            stats = replica.store.stats(name)
+            mailboxes.append(
+                {
+                    "name": name,
+                    "messages": sum(c.total for c in counts.values()),
+                    "unread": sum(c.unread for c in counts.values()),
+                    "folders": len(mailbox.folders()),
+                    **stats,
+                }
+            )
+        replica_bytes = replica.store.file_size()
+        status = {
+            "data_dir": str(replica.data_dir),
+            "peer_id": replica.peer_id,
+            "database_bytes": replica.store.file_size(),
+            "mailboxes": mailboxes,
+        }
+    if args.json:
+        _emit_json(status, out)
+        return EXIT_OK
+    out.write(f"data dir: {status['data_dir']}\npeer id:  {status['peer_id']}\n")
+    out.write(f"database: {replica_bytes / 1e6:.1f} MB\n")
+    for entry in mailboxes:
+        details = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("name", "messages", "unread"))
+        out.write(f"mailbox {entry['name']}: {entry['messages']} messages, {entry['unread']} unread ({details})\n")
+    if not mailboxes:
+        out.write("no mailboxes yet: `crdtmail import PATH` adds one\n")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """Generate a sample Maildir, import it into a fresh peer and list it (the sync demo comes with issue 5)."""
+    from crdtmail.sample import generate_messages, write_maildir
+
+    base = Path(args.dir).expanduser() if args.dir else Path(tempfile.mkdtemp(prefix="crdtmail-demo-"))
+    maildir = base / "Maildir"
+    if maildir.exists():
+        raise ModelError(f"{maildir} exists already; pick an empty --dir or remove it")
+    written = write_maildir(maildir, generate_messages(args.count, seed=args.seed))
+    out.write(f"wrote a sample Maildir with {written} messages: {maildir}\n")
+    data_dir = base / "desktop"
+    with Replica.init(data_dir) as replica:
+        mailbox = replica.mailbox(create=True)
+        progress = Progress("importing", sys.stderr)
+        try:
+            report = import_source(mailbox, maildir, progress=progress)
+        finally:
+            progress.finish()
+        out.write(
+            f"imported {report.added} messages into {data_dir} in {report.seconds:.2f}s "
+            f"({len(report.problems)} problems)\n\n"
+        )
+        _list_folders(mailbox, args, out)
+        out.write("\nnewest in INBOX:\n")
+        for row in mailbox.list_folder("INBOX", limit=10):
+            out.write(f"  {row.message_id}  {_format_date(row.date)}  {_flag_letters(row.flags):4} "
+                      f"{row.sender[:24].ljust(24)}  {row.subject[:60]}\n")
+    out.write(f"\ntry: crdtmail --data-dir {data_dir} ls Work   (or show ID, flag ID +seen, folders, status)\n")
+    return EXIT_OK if not report.problems else EXIT_ERROR
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _common_options(*, top_level: bool) -> argparse.ArgumentParser:
+    def default(value: Any) -> Any:
+        return value if top_level else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=default(None),
+                        help="peer data directory (default: $CRDTMAIL_DATA_DIR or the platform data dir)")
+    common.add_argument("--config", type=Path, default=default(None),
+                        help="config file (default: DATA_DIR/config.toml)")
+    common.add_argument("--mailbox", default=default(None), help="mailbox to act on (default: from the config)")
+    common.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of text")
+    common.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log what happens on stderr")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="crdtmail", description="One virtual mailbox across desktop and phone; offline-first, no server.",
+        parents=[_common_options(top_level=True)],
+    )
+    # Options may also follow the command; there they must not reset what was given before it.
+    common = _common_options(top_level=False)
+    parser.add_argument("--version", action="version", version=f"crdtmail {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace, TextIO], int], help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    add("init", cmd_init, "create the data directory, its config and a peer identity")
+    p = add("import", cmd_import, "import a Maildir, Maildir++ tree or mbox file")
+    p.add_argument("path")
+    p = add("ls", cmd_ls, "list a folder, newest first")
+    p.add_argument("folder", nargs="?", default="INBOX")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    p = add("show", cmd_show, "show one message (an id or a unique prefix of one)")
+    p.add_argument("id")
+    p.add_argument("--raw", action="store_true", help="print the raw RFC 5322 bytes")
+    p = add("flag", cmd_flag, "set (+) and clear (-) flags: crdtmail flag ID +seen -flagged +$Label")
+    p.add_argument("id")
+    p.add_argument("changes", nargs=argparse.REMAINDER, help="+flag or -flag, one or more")
+    p = add("move", cmd_move, "move a message to a folder")
+    p.add_argument("id")
+    p.add_argument("folder")
+    p = add("delete", cmd_delete, "move a message to the trash")
+    p.add_argument("id")
+    p = add("expunge", cmd_expunge, "remove a message for good")
+    p.add_argument("id")
+    p = add("folders", cmd_folders, "list, create, rename or delete folders")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", parents=[common], help="list folders with counts")
+    a = actions.add_parser("create", parents=[common], help="create a folder (a/b creates parents)")
+    a.add_argument("name")
+    a.add_argument("--role", default=None, help="inbox, sent, drafts, trash, junk or archive")
+    a = actions.add_parser("rename", parents=[common], help="rename a folder (its messages stay in it)")
+    a.add_argument("name")
+    a.add_argument("new_name")
+    a = actions.add_parser("delete", parents=[common], help="delete an empty folder")
+    a.add_argument("name")
+    a.add_argument("--move-to-trash", action="store_true", help="move its messages to the trash first")
+    add("status", cmd_status, "documents, sizes and message totals of this peer")
+    p = add("demo", cmd_demo, "generate a sample Maildir, import it into a new peer and list it")
+    p.add_argument("--dir", default=None, help="where to put the demo (default: a new temporary directory)")
+    p.add_argument("--count", type=int, default=300, help="messages in the sample Maildir")
+    p.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crdtmail`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args.data_dir = resolve_data_dir(args.data_dir)
+    try:
+        return int(args.func(args, sys.stdout))
+    except CrdtmailError as exc:
+        sys.stderr.write(f"crdtmail: error: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("crdtmail: interrupted; every change acknowledged so far is kept\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

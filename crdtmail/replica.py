@@ -1,0 +1,219 @@
+"""A peer's data directory opened for use: its store, its identity, its mailboxes, and mail import.
+
+This is the composition the command line and the peer processes share: a ``SqliteStore`` in the data directory,
+one ``Mailbox`` per mailbox name, each committing to its part of the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from crdtmail.config import CONFIG_FILE, DATABASE_FILE, Config, valid_mailbox_name
+from crdtmail.errors import (
+    ConfigError,
+    ExpungedMessageError,
+    MessageParseError,
+    ModelError,
+    StorageError,
+)
+from crdtmail.importer import ImportItem, ImportProblem, scan
+from crdtmail.model.mailbox import INBOX, Mailbox
+from crdtmail.model.message import parse_message
+from crdtmail.storage.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+PEER_ID_KEY = "peer_id"
+IMPORT_COMMIT_EVERY = 500
+
+# Folder names that mail programs use for the standard roles (Maildir++ names, Outlook and Apple variants).
+ROLE_ALIASES: dict[str, str] = {
+    "inbox": "inbox",
+    "sent": "sent",
+    "sent items": "sent",
+    "sent messages": "sent",
+    "sent mail": "sent",
+    "drafts": "drafts",
+    "draft": "drafts",
+    "trash": "trash",
+    "deleted items": "trash",
+    "deleted messages": "trash",
+    "bin": "trash",
+    "junk": "junk",
+    "spam": "junk",
+    "junk e-mail": "junk",
+    "archive": "archive",
+    "archives": "archive",
+}
+
+
+class Replica:
+    """One peer data directory: its SQLite store, peer identity, config and mailboxes."""
+
+    def __init__(self, data_dir: Path, config: Config, store: SqliteStore) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.store = store
+        self._mailboxes: dict[str, Mailbox] = {}
+
+    @classmethod
+    def init(cls, data_dir: Path, *, config_path: Path | None = None) -> Replica:
+        """Create (or reopen) a data directory: config file, database and a random peer identity."""
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create data directory {data_dir}: {exc.strerror}") from exc
+        path = config_path or data_dir / CONFIG_FILE
+        Config.write_default(path)
+        config = Config.load(path)
+        store = SqliteStore.open(data_dir / DATABASE_FILE, create=True, synchronous=config.synchronous)
+        if store.get_meta(PEER_ID_KEY) is None:
+            store.set_meta(PEER_ID_KEY, secrets.token_hex(8))
+        return cls(data_dir, config, store)
+
+    @classmethod
+    def open(cls, data_dir: Path, *, config_path: Path | None = None) -> Replica:
+        """Open an existing data directory; a missing one raises StorageError saying to run `crdtmail init`."""
+        database = data_dir / DATABASE_FILE
+        if not database.exists():
+            raise StorageError(f"no crdtmail data directory at {data_dir}; run `crdtmail init` first")
+        config = Config.load(config_path or data_dir / CONFIG_FILE)
+        store = SqliteStore.open(database, create=False, synchronous=config.synchronous)
+        return cls(data_dir, config, store)
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's random identity, made when the data directory was created."""
+        return self.store.get_meta(PEER_ID_KEY) or ""
+
+    def mailbox_names(self) -> list[str]:
+        """The mailboxes this peer holds."""
+        return self.store.mailbox_names()
+
+    def mailbox(self, name: str | None = None, *, create: bool = False) -> Mailbox:
+        """Open a mailbox (the config's default when ``name`` is None); ``create`` makes a missing one."""
+        name = name or self.config.default_mailbox
+        if not valid_mailbox_name(name):
+            raise ConfigError(f"invalid mailbox name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        opened = self._mailboxes.get(name)
+        if opened is not None:
+            return opened
+        if not create and name not in self.store.mailbox_names():
+            raise ModelError(f"no mailbox named {name!r} here; `crdtmail import PATH` creates it")
+        mailbox = Mailbox(name, self.store.backend(name))
+        self._mailboxes[name] = mailbox
+        return mailbox
+
+    def close(self) -> None:
+        """Close the store; mailboxes opened from it must not be used afterwards."""
+        self._mailboxes.clear()
+        self.store.close()
+
+    def __enter__(self) -> Replica:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class ImportReport:
+    """What an import did: counts, and every problem with the file it came from."""
+
+    total: int = 0
+    added: int = 0
+    already_present: int = 0
+    expunged_skipped: int = 0
+    problems: list[ImportProblem] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Messages per second."""
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+
+class _FolderMap:
+    """Maps source folder paths to mailbox folder ids, creating folders as needed (cached)."""
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self._mailbox = mailbox
+        self._cache: dict[tuple[str, ...], str] = {(): INBOX}
+
+    def folder_id(self, path: tuple[str, ...]) -> str:
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
+        role = ROLE_ALIASES.get(path[0].lower()) if len(path) == 1 else None
+        folder_id = (
+            self._mailbox.role_folder(role) if role else self._mailbox.create_folder("/".join(path)).id
+        )
+        self._cache[path] = folder_id
+        return folder_id
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def import_source(
+    mailbox: Mailbox,
+    path: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    commit_every: int = IMPORT_COMMIT_EVERY,
+) -> ImportReport:
+    """Import a Maildir, Maildir++ tree or mbox file into ``mailbox``.
+
+    Messages already present are left as they are, so running an import again changes nothing. A message that
+    was expunged here stays expunged. Unreadable or unparseable files are reported, never fatal.
+    """
+    source = scan(path)
+    report = ImportReport(skipped=list(source.skipped))
+    folders = _FolderMap(mailbox)
+    started = time.perf_counter()
+    expected = source.total
+    done = 0
+    with mailbox.batch():
+        for item in source.items():
+            done += 1
+            if isinstance(item, ImportProblem):
+                report.problems.append(item)
+            else:
+                _import_one(mailbox, item, folders, report)
+            if done % commit_every == 0:
+                mailbox.flush()
+                if progress is not None:
+                    progress(done, max(expected, done))
+    report.total = done
+    report.seconds = time.perf_counter() - started
+    if progress is not None:
+        progress(done, max(expected, done))
+    return report
+
+
+def _import_one(mailbox: Mailbox, item: ImportItem, folders: _FolderMap, report: ImportReport) -> None:
+    try:
+        parsed = parse_message(item.raw)
+    except MessageParseError as exc:
+        report.problems.append(ImportProblem(item.source, str(exc)))
+        return
+    try:
+        result = mailbox.add(parsed, folder=folders.folder_id(item.folder), flags=item.flags)
+    except ExpungedMessageError:
+        report.expunged_skipped += 1
+        log.info("kept expunged: %s (message %s) was expunged here and is not imported again",
+                 item.source, parsed.message_id)
+        return
+    if result.added:
+        report.added += 1
+    else:
+        report.already_present += 1
