@@ -146,7 +146,7 @@ class _Pending:
 class _Shard:
     """A loaded shard document, its four root maps, and the flag names used in it."""
 
-    __slots__ = ("doc", "expunged", "flag_names", "flags", "messages", "name", "placement")
+    __slots__ = ("doc", "expunged", "flag_names", "flagged_ids", "flags", "messages", "name", "placement")
 
     def __init__(self, name: str, doc: Doc[Any]) -> None:
         self.name = name
@@ -157,7 +157,9 @@ class _Shard:
         self.expunged: Map[Any] = doc.get("expunged", type=Map)
         # Knowing the few flag names in use turns "flags of one message" into a handful of key look-ups
         # instead of a scan of every flag key in the month.
-        self.flag_names: set[str] = {key.partition(_FLAG_SEPARATOR)[2] for key in self.flags}
+        keys = [key.partition(_FLAG_SEPARATOR) for key in self.flags]
+        self.flag_names: set[str] = {flag for _, _, flag in keys}
+        self.flagged_ids: set[str] = {message_id for message_id, _, _ in keys}  # ids with any flag key
 
     def visible_envelope(self, message_id: str) -> Any:
         """The stored envelope of a visible message; None if absent or expunged.
@@ -212,7 +214,6 @@ class Mailbox:
         self._meta: Map[Any] = self._index_doc.get("meta", type=Map)
         self._folders: Map[Any] = self._index_doc.get("folders", type=Map)
         self._watch(INDEX_DOC, self._index_doc)
-        self._folders.observe(self._on_folders_event)
         if stored is None:
             self._initialise()
         self.repair_index()
@@ -225,7 +226,7 @@ class Mailbox:
             self._meta["schema"] = SCHEMA_VERSION
             self._meta["name"] = self.name
             for role, folder_name in _STANDARD_FOLDERS.items():
-                self._folders[role] = {"name": folder_name, "parent": None, "role": role, "deleted": False}
+                self._set_folder(role, {"name": folder_name, "parent": None, "role": role, "deleted": False})
 
     def _watch(self, doc_name: str, doc: Doc[Any]) -> None:
         def on_transaction(event: TransactionEvent) -> None:
@@ -249,11 +250,15 @@ class Mailbox:
             doc.apply_update(stored)
         shard = _Shard(name, doc)
         self._watch(name, doc)
-        for root_name, root in (("messages", shard.messages), ("placement", shard.placement),
-                                ("flags", shard.flags), ("expunged", shard.expunged)):
-            root.observe(functools.partial(self._on_shard_event, shard, root_name))
         self._shards[name] = shard
         return shard
+
+    def _touch(self, shard: _Shard, message_id: str, kind: set[str]) -> None:
+        """Record a local change; remote ones are found by map observers instead (``_integrate``)."""
+        pending = self._pending
+        pending.touched.setdefault(shard.name, set()).add(message_id)
+        pending.documents.add(shard.name)
+        kind.add(message_id)
 
     def _on_shard_event(self, shard: _Shard, root: str, event: MapEvent) -> None:
         pending = self._pending
@@ -265,6 +270,7 @@ class Mailbox:
             for key in keys:
                 message_id, _, flag = key.partition(_FLAG_SEPARATOR)
                 shard.flag_names.add(flag)
+                shard.flagged_ids.add(message_id)
                 touched.add(message_id)
                 pending.changed.add(message_id)
                 if hints:
@@ -503,7 +509,9 @@ class Mailbox:
 
     def _set_folder(self, folder_id: str, value: dict[str, Any]) -> None:
         self._folders[folder_id] = value
-        self._folder_cache = None  # the map's own event comes only when the transaction ends
+        self._folder_cache = None
+        self._pending.folders_changed = True
+        self._pending.documents.add(INDEX_DOC)
 
     def _find_live(self, path: str) -> Folder | None:
         for folder in self.folders():
@@ -595,13 +603,17 @@ class Mailbox:
                 )
             if tombstoned:
                 del shard.expunged[message_id]
-            trustworthy_hint = not tombstoned and not shard.flag_keys_of(message_id)
+            trustworthy_hint = not tombstoned and message_id not in shard.flagged_ids
             envelope = parsed.envelope
             self._pending.blobs[envelope.body_sha256] = parsed.raw
             shard.messages[message_id] = envelope.to_crdt()
             shard.placement[message_id] = folder_id
             for flag in normalised:
                 shard.flags[message_id + _FLAG_SEPARATOR + flag] = True
+            shard.flag_names.update(normalised)
+            if normalised:
+                shard.flagged_ids.add(message_id)
+            self._touch(shard, message_id, self._pending.added)
             if not trustworthy_hint:
                 return AddResult(message_id, added=True)  # flags from elsewhere exist: read the row back
             self._pending.row_hints[message_id] = IndexRow(
@@ -659,6 +671,7 @@ class Mailbox:
         with self._operation(), shard.doc.transaction(origin=LOCAL):
             self._pending.row_hints.pop(message_id, None)
             shard.placement[message_id] = folder_id
+            self._touch(shard, message_id, self._pending.moved)
         return True
 
     def delete(self, message_id: str) -> bool:
@@ -680,6 +693,9 @@ class Mailbox:
                 # A cleared flag is written as False, not deleted, so a concurrent set and clear resolve by
                 # last-writer-wins instead of "set always wins".
                 shard.flags[message_id + _FLAG_SEPARATOR + flag] = value
+                shard.flag_names.add(flag)
+            shard.flagged_ids.add(message_id)
+            self._touch(shard, message_id, self._pending.changed)
         return True
 
     def expunge(self, message_id: str) -> None:
@@ -696,6 +712,7 @@ class Mailbox:
             if message_id in shard.messages:
                 del shard.messages[message_id]
             shard.expunged[message_id] = True
+            self._touch(shard, message_id, self._pending.expunged)
 
     def is_expunged(self, message_id: str, shard_name: str) -> bool:
         """Whether the message was expunged (and not redelivered) in ``shard_name``."""
@@ -784,11 +801,25 @@ class Mailbox:
     def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any) -> None:
         self._pending.origins.append(origin)
         self._remote_origin = origin
+        # Map observers cost a lot per local change, so they are attached only while a remote update applies:
+        # it is the one case where what changed is not known in advance.
+        if doc_name == INDEX_DOC:
+            watched: list[tuple[Map[Any], Any]] = [(self._folders, self._on_folders_event)]
+        else:
+            shard = self._shards[doc_name]
+            watched = [
+                (root, functools.partial(self._on_shard_event, shard, root_name))
+                for root_name, root in (("messages", shard.messages), ("placement", shard.placement),
+                                        ("flags", shard.flags), ("expunged", shard.expunged))
+            ]
+        subscriptions = [(root, root.observe(callback)) for root, callback in watched]
         try:
             with doc.transaction(origin=origin):
                 doc.apply_update(update)
         finally:
             self._remote_origin = None
+            for root, subscription in subscriptions:
+                root.unobserve(subscription)
         self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
         self._pending.documents.add(doc_name)
 
