@@ -27,12 +27,11 @@ report(written=written, seconds=time.perf_counter() - started)
 IMPORT = """
 import sys, time
 from pathlib import Path
-from crdtmail.replica import Replica, import_source
+from crdtmail.replica import Replica
 maildir, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
 with Replica.init(data_dir) as replica:
-    mailbox = replica.mailbox(create=True)
     started = time.perf_counter()
-    result = import_source(mailbox, maildir)
+    result = replica.import_path(maildir)
     seconds = time.perf_counter() - started
 report(total=result.total, added=result.added, problems=len(result.problems), seconds=seconds)
 """

@@ -27,7 +27,7 @@ from crdtmail.errors import CrdtmailError, ModelError
 from crdtmail.model.backend import IndexRow
 from crdtmail.model.flags import LETTER_FOR_FLAG
 from crdtmail.model.mailbox import Folder, Mailbox, MessageView
-from crdtmail.replica import ImportReport, Replica, import_source
+from crdtmail.replica import ImportReport, Replica
 
 log = logging.getLogger("crdtmail")
 
@@ -142,10 +142,9 @@ def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     path = Path(args.path).expanduser()
     with _open(args) as replica:
-        mailbox = replica.mailbox(args.mailbox, create=True)
         progress = Progress("importing", sys.stderr)
         try:
-            report = import_source(mailbox, path, progress=progress)
+            report = replica.import_path(path, mailbox=args.mailbox, progress=progress)
         finally:
             progress.finish()
     return _print_import_report(report, path, args, out)
@@ -408,12 +407,12 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"wrote a sample Maildir with {written} messages: {maildir}\n")
     data_dir = base / "desktop"
     with Replica.init(data_dir) as replica:
-        mailbox = replica.mailbox(create=True)
         progress = Progress("importing", sys.stderr)
         try:
-            report = import_source(mailbox, maildir, progress=progress)
+            report = replica.import_path(maildir, progress=progress)
         finally:
             progress.finish()
+        mailbox = replica.mailbox()
         out.write(
             f"imported {report.added} messages into {data_dir} in {report.seconds:.2f}s "
             f"({len(report.problems)} problems)\n\n"

@@ -8,6 +8,7 @@ one. A file that cannot be read becomes an ``ImportProblem``: reported, never fa
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ class ImportItem:
     raw: bytes
     flags: frozenset[str]
     source: str
+    sha256: str | None = None  # hashed where the file was read, off the importing thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,17 +181,16 @@ def _maildir_items(folder: tuple[str, ...], directory: Path) -> Iterator[ImportI
                 if not entry.is_file():
                     yield ImportProblem(source, "not a regular file (a directory, or a link to nothing)")
                     continue
-                size = entry.stat().st_size
-                if size > MAX_MESSAGE_BYTES:
-                    yield ImportProblem(source, f"{size} bytes is larger than the {MAX_MESSAGE_BYTES} byte limit")
-                    continue
                 with open(entry.path, "rb") as handle:
-                    raw = handle.read()
+                    raw = handle.read(MAX_MESSAGE_BYTES + 1)
             except OSError as exc:
                 yield ImportProblem(source, f"cannot read it: {exc.strerror or exc}")
                 continue
+            if len(raw) > MAX_MESSAGE_BYTES:
+                yield ImportProblem(source, f"larger than the {MAX_MESSAGE_BYTES} byte limit")
+                continue
             flags = frozenset() if sub == "new" else _maildir_flags(entry.name)
-            yield ImportItem(folder, raw, flags, source)
+            yield ImportItem(folder, raw, flags, source, hashlib.sha256(raw).hexdigest())
 
 
 def _count_mbox(path: Path) -> int:

@@ -256,8 +256,12 @@ def _text(value: bytes | None) -> str:
     return _decode_header(text) if "=?" in text else " ".join(text.split())
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
-    """Parse a raw RFC 5322 message. Raises MessageParseError when the bytes hold no header at all."""
+def parse_message(raw: bytes, *, sha256: str | None = None) -> ParsedMessage:
+    """Parse a raw RFC 5322 message. Raises MessageParseError when the bytes hold no header at all.
+
+    ``sha256`` may pass the body hash when the caller computed it already (an importer hashing on its reader
+    thread); it must be the hash of ``raw``.
+    """
     if not raw.strip():
         raise MessageParseError("the message is empty: nothing to import")
     fields, headers = _read_headers(raw)
@@ -280,7 +284,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
         subject=_cap(_text(headers.get(b"subject")), MAX_SUBJECT),
         date=epoch,
         size=len(raw),
-        body_sha256=body_hash(raw),
+        body_sha256=sha256 or body_hash(raw),
     )
     return ParsedMessage(
         message_id=message_id_for(mid_header, raw),
