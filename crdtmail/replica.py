@@ -198,6 +198,8 @@ def import_source(
     source = scan(path)
     report = ImportReport(skipped=list(source.skipped))
     folders = _FolderMap(mailbox)
+    for folder in source.folders:  # empty folders too: the user made them
+        folders.folder_id(folder)
     started = time.perf_counter()
     expected = source.total
     done = 0
