@@ -15,7 +15,17 @@ The whole hierarchy::
     │   ├── FolderNotEmptyError     deleting a folder that still holds messages
     │   └── ExpungedMessageError    adding a message that was expunged, without asking to redeliver it
     ├── MessageParseError           raw bytes are not a usable RFC 5322 message
-    └── ImportSourceError           an import path is missing or is not a Maildir, Maildir++ tree or mbox
+    ├── ImportSourceError           an import path is missing or is not a Maildir, Maildir++ tree or mbox
+    └── ProtocolError               the peer broke the sync protocol, or a call does not fit the connection
+        ├── FrameError              a frame is malformed: truncated, bad varint or UTF-8, bad field, trailing bytes
+        │   ├── FrameTooLargeError  a frame, or a length or count inside it, is over its limit
+        │   └── UnknownFrameError   an unknown frame type or y-protocols sync message type
+        ├── VersionMismatchError    the two peers speak different protocol versions
+        ├── UnauthorizedMailboxError  a frame or call names a mailbox not granted on this connection
+        ├── LimitExceededError      a per-connection limit: documents, blob wants, blob bytes being reassembled
+        ├── ProtocolStateError      a frame arrived, or a call was made, in a state that does not allow it
+        ├── BlobMismatchError       a received blob does not hash to the SHA-256 it was asked for by
+        └── InvalidUpdateError      a document update from the peer cannot be decoded or applied
 
 Errors that come from outside (OSError, sqlite3.Error) are wrapped at the layer boundary into one of these, so
 the command line can print ``str(error)`` as its single line and exit non-zero.
@@ -26,18 +36,28 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousMessageError",
     "BlobIntegrityError",
+    "BlobMismatchError",
     "ConfigError",
     "CorruptStoreError",
     "CrdtmailError",
     "ExpungedMessageError",
     "FolderExistsError",
     "FolderNotEmptyError",
+    "FrameError",
+    "FrameTooLargeError",
     "ImportSourceError",
+    "InvalidUpdateError",
+    "LimitExceededError",
     "MessageParseError",
     "ModelError",
+    "ProtocolError",
+    "ProtocolStateError",
     "StorageError",
+    "UnauthorizedMailboxError",
     "UnknownFolderError",
+    "UnknownFrameError",
     "UnknownMessageError",
+    "VersionMismatchError",
 ]
 
 
@@ -95,3 +115,47 @@ class MessageParseError(CrdtmailError):
 
 class ImportSourceError(CrdtmailError):
     """An import path is missing, unreadable, or not a Maildir, Maildir++ tree or mbox file."""
+
+
+class ProtocolError(CrdtmailError):
+    """The peer broke the sync protocol, or a local call does not fit the connection's state.
+
+    Raised by the protocol layer's decoders and by local calls; a ``SyncConnection`` never lets one escape from
+    ``receive_data``: it closes the connection with a matching close code instead.
+    """
+
+
+class FrameError(ProtocolError):
+    """A frame is malformed: truncated, a bad varint or UTF-8 string, a bad field value, or trailing bytes."""
+
+
+class FrameTooLargeError(FrameError):
+    """A frame, or a length or count inside it, is over its limit."""
+
+
+class UnknownFrameError(FrameError):
+    """A frame type or y-protocols sync message type that this version does not know."""
+
+
+class VersionMismatchError(ProtocolError):
+    """The two peers speak different protocol versions; the message names both."""
+
+
+class UnauthorizedMailboxError(ProtocolError):
+    """A frame or call names a mailbox that was not granted on this connection."""
+
+
+class LimitExceededError(ProtocolError):
+    """A per-connection limit was exceeded: documents, outstanding blob wants, or blob bytes being reassembled."""
+
+
+class ProtocolStateError(ProtocolError):
+    """A frame arrived, or a local call was made, in a connection state that does not allow it."""
+
+
+class BlobMismatchError(ProtocolError):
+    """A blob received from the peer does not hash to the SHA-256 it was asked for by; it was discarded."""
+
+
+class InvalidUpdateError(ProtocolError):
+    """A document update from the peer cannot be decoded or applied."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from crdtmail.model.flags import normalise_flag
 from crdtmail.model.message import UNDATED, Envelope, ParsedMessage, parse_message
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 INDEX_DOC = "index"
 LOCAL = "local"
 """Transaction origin of changes made on this replica; remote updates carry their connection as origin."""
@@ -400,20 +402,20 @@ class Mailbox:
     def repair_index(self) -> list[str]:
         """Rebuild the derived rows of every shard whose rows are missing or stale; returns the shards rebuilt."""
         indexed = self._backend.indexed_state_vectors()
-        stale: list[str] = []
-        for name in self._backend.document_names():
-            if is_shard_name(name) and indexed.get(name) != self._backend.state_vector(name):
-                stale.append(name)
-        for name in indexed:
-            if name not in self._backend.document_names():
-                stale.append(name)
+        stored = set(self._backend.document_names())
+        stale = sorted(
+            {name for name in stored if is_shard_name(name) and indexed.get(name) != self._backend.state_vector(name)}
+            | (set(indexed) - stored)
+        )
         for name in stale:
             batch = CommitBatch(replace_shards={name})
-            if name in self._backend.document_names():
+            if name in stored:
                 batch.rows_upsert = self.rows_for_shard(name)
                 batch.indexed_shards[name] = self._backend.state_vector(name) or b"\x00"
             self._backend.commit(batch)
             self._drop_if_idle(name)
+        if stale:
+            log.info("mailbox %s: rebuilt the derived index of %s", self.name, ", ".join(stale))
         return stale
 
     def _drop_if_idle(self, name: str) -> None:
