@@ -329,8 +329,10 @@ class Mailbox:
         if not (pending.updates or pending.touched or pending.folders_changed or pending.blobs):
             return
         batch = CommitBatch(blobs=pending.blobs)
+        vectors = {name: self._state_vector(name) for name in {update.doc_name for update in pending.updates}}
         for update in pending.updates:
-            batch.updates.append(DocumentUpdate(update.doc_name, update.update, self._state_vector(update.doc_name)))
+            # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
+            batch.updates.append(DocumentUpdate(update.doc_name, update.update, vectors[update.doc_name]))
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
             for message_id in ids:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crdtmail.errors import MessageParseError
 from crdtmail.model.message import (
     UNDATED,
     Envelope,
+    _parse_date,
     body_hash,
     message_id_for,
     normalise_message_id_header,
@@ -90,3 +96,18 @@ def test_helpers() -> None:
     assert normalise_message_id_header("   ") == ""
     assert len(message_id_for("<a@b>", b"")) == 16
     assert body_hash(b"x") == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+
+
+@given(
+    moment=st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1)),
+    offset_minutes=st.integers(-14 * 60, 14 * 60),
+    with_weekday=st.booleans(),
+)
+def test_the_fast_date_reader_agrees_with_the_stdlib(moment: dt.datetime, offset_minutes: int,
+                                                     with_weekday: bool) -> None:
+    zone = dt.timezone(dt.timedelta(minutes=offset_minutes))
+    text = email.utils.format_datetime(moment.replace(microsecond=0, tzinfo=zone))
+    if not with_weekday:
+        text = text.split(", ", 1)[1]
+    expected = email.utils.parsedate_to_datetime(text).astimezone(dt.UTC)
+    assert _parse_date(text) == expected
