@@ -1,0 +1,288 @@
+"""WebSocket transport: the thin asyncio shell around the sans-I/O protocol.
+
+A ``Link`` is one open WebSocket, from either side, carrying whole binary frames: ``send`` never blocks (frames
+queue, within a byte bound), ``frames`` yields what arrives. ``serve`` accepts links after checking the device
+token at the HTTP upgrade (401 and not a byte more without a valid one); ``Dialer`` keeps one outgoing link up,
+reconnecting with capped, jittered exponential backoff.
+
+Every buffer a remote peer can fill is bounded: incoming frames by ``max_frame_bytes`` and ``incoming_queue``,
+outgoing bytes by ``max_pending_send_bytes``; a peer that reads too slowly is closed (code 1013) rather than
+allowed to grow this process's memory. It resyncs when it reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl as ssl_module
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.http11 import Request, Response
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_SLOW = 1013  # "try again later": the peer will reconnect and resync
+
+Authenticator = Callable[[str], Any | None]
+"""Maps a presented device token to the principal it belongs to, or None for an unknown token."""
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Bounds on what one link may hold in memory; the defaults suit a desktop peer."""
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_pending_send_bytes: int = 64 * 1024 * 1024
+    incoming_queue: int = 16  # frames received and not yet handled
+    open_timeout: float = 10.0
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    # permessage-deflate costs more than it saves on a fast link (DESIGN.md: a 29 MB initial sync took 3.7x
+    # longer on loopback with it); a slow mobile link may want "deflate".
+    compression: str | None = None
+
+
+class Link:
+    """One open WebSocket carrying binary frames, with a bounded outgoing queue."""
+
+    def __init__(self, websocket: ServerConnection | ClientConnection, limits: TransportLimits, *,
+                 principal: Any = None, name: str = "") -> None:
+        self.websocket = websocket
+        self.limits = limits
+        self.principal = principal
+        self.name = name or str(websocket.remote_address)
+        self._outgoing: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._writer = asyncio.create_task(self._write_loop(), name=f"crdtmail-link-writer {self.name}")
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for sending and not yet handed to the socket."""
+        return self._pending_bytes
+
+    @property
+    def closed(self) -> bool:
+        """Whether the link is closing or closed; sends are then dropped."""
+        return self._closing or self.websocket.close_code is not None
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a frame; returns False (and closes the link) when the peer has fallen too far behind."""
+        if self.closed:
+            return False
+        if self._pending_bytes + len(frame) > self.limits.max_pending_send_bytes:
+            log.warning("closing link %s: the peer reads too slowly (%d bytes waiting)", self.name,
+                        self._pending_bytes)
+            self.close_soon(CLOSE_TOO_SLOW, "you read too slowly; reconnect to resync")
+            return False
+        self._outgoing.append(frame)
+        self._pending_bytes += len(frame)
+        self._wakeup.set()
+        return True
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outgoing:
+                    frame = self._outgoing.popleft()
+                    self._pending_bytes -= len(frame)
+                    await self.websocket.send(frame)
+                if self._closing:
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            self._outgoing.clear()
+            self._pending_bytes = 0
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """The binary frames the peer sends, until the link closes. A text frame closes the link."""
+        try:
+            async for message in self.websocket:
+                if isinstance(message, str):
+                    await self.close(1003, "crdtmail speaks binary frames only")
+                    return
+                yield message
+        except ConnectionClosed:
+            return
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close without waiting (from synchronous code)."""
+        if not self._closing:
+            self._closing = True
+            asyncio.get_running_loop().create_task(self.websocket.close(code, reason))
+            self._wakeup.set()
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Send what is queued, then close the WebSocket."""
+        self._closing = True
+        self._wakeup.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._writer), timeout=self.limits.open_timeout)
+        await self.websocket.close(code, reason)
+
+    async def wait_closed(self) -> None:
+        """Return when the WebSocket is closed."""
+        await self.websocket.wait_closed()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+
+def presented_token(request: Request) -> str | None:
+    """The device token of an upgrade request: ``Authorization: Bearer T``, else a ``token`` query parameter
+    (browsers and y-websocket cannot set headers)."""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    values = parse_qs(urlsplit(request.path).query).get("token")
+    return values[0] if values else None
+
+
+async def serve_links(
+    on_link: Callable[[Link], Awaitable[None]],
+    *,
+    authenticate: Authenticator,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: TransportLimits | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+) -> Server:
+    """Listen for peers; each authenticated upgrade becomes a Link handed to ``on_link``.
+
+    Listens on 127.0.0.1 unless told otherwise. A missing or unknown token gets HTTP 401 and the connection
+    ends there. Returns the running server (``server.sockets`` tells the port when ``port=0``).
+    """
+    limits = limits or TransportLimits()
+    principals: dict[int, Any] = {}
+
+    def check_token(connection: ServerConnection, request: Request) -> Response | None:
+        token = presented_token(request)
+        principal = authenticate(token) if token else None
+        if principal is None:
+            log.info("refused a connection from %s: %s device token", connection.remote_address,
+                     "no" if not token else "unknown")
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "a valid device token is required\n")
+        principals[id(connection)] = principal
+        return None
+
+    async def handler(websocket: ServerConnection) -> None:
+        link = Link(websocket, limits, principal=principals.pop(id(websocket), None))
+        try:
+            await on_link(link)
+        finally:
+            if not link.closed:
+                await link.close(CLOSE_NORMAL, "")
+            await link.wait_closed()
+
+    return await serve(
+        handler, host, port,
+        process_request=check_token,
+        ssl=ssl,
+        compression=limits.compression,
+        max_size=limits.max_frame_bytes,
+        max_queue=limits.incoming_queue,
+        open_timeout=limits.open_timeout,
+        ping_interval=limits.ping_interval,
+        ping_timeout=limits.ping_timeout,
+    )
+
+
+class Dialer:
+    """Keeps one outgoing link to ``url`` up: connects, hands the link to ``on_link``, reconnects when it ends.
+
+    Delays between attempts grow exponentially from ``initial_delay`` to ``max_delay``, each drawn at random
+    between half and all of the nominal delay (so peers that lost a relay together do not return together).
+    A successful connection resets the delay.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        on_link: Callable[[Link], Awaitable[None]],
+        *,
+        limits: TransportLimits | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        initial_delay: float = 0.1,
+        max_delay: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._on_link = on_link
+        self._limits = limits or TransportLimits()
+        self._ssl = ssl
+        self._initial_delay = initial_delay
+        self._max_delay = max_delay
+        self._rng = rng or random.Random()
+        self._stopped = asyncio.Event()
+        self.connections = 0
+        self.last_error: str | None = None
+
+    def next_delay(self, attempt: int) -> float:
+        """The pause before reconnect attempt ``attempt`` (0-based), jittered and capped."""
+        nominal = min(self._max_delay, self._initial_delay * 2.0 ** min(attempt, 32))
+        return nominal * (0.5 + 0.5 * self._rng.random())
+
+    def stop(self) -> None:
+        """Stop reconnecting; a running link is closed by its owner."""
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Connect and reconnect until ``stop``."""
+        attempt = 0
+        while not self._stopped.is_set():
+            try:
+                websocket = await connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self._token}"},
+                    ssl=self._ssl,
+                    compression=self._limits.compression,
+                    max_size=self._limits.max_frame_bytes,
+                    max_queue=self._limits.incoming_queue,
+                    open_timeout=self._limits.open_timeout,
+                    ping_interval=self._limits.ping_interval,
+                    ping_timeout=self._limits.ping_timeout,
+                    proxy=None,
+                )
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                self.last_error = (
+                    f"{self.url} refused our device token (HTTP {status}); pair this device again"
+                    if status == HTTPStatus.UNAUTHORIZED else f"{self.url} answered HTTP {status}"
+                )
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                self.last_error = f"cannot reach {self.url}: {exc}"
+            else:
+                attempt = 0
+                self.connections += 1
+                self.last_error = None
+                link = Link(websocket, self._limits, name=self.url)
+                try:
+                    await self._on_link(link)
+                finally:
+                    if not link.closed:
+                        await link.close(CLOSE_GOING_AWAY, "")
+                    await link.wait_closed()
+                continue
+            delay = self.next_delay(attempt)
+            attempt += 1
+            log.info("%s; retrying in %.1fs", self.last_error, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=delay)

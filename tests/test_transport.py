@@ -1,0 +1,181 @@
+"""The WebSocket transport on real sockets (127.0.0.1, port 0): auth at the upgrade, frames both ways,
+reconnect after the server restarts, and a slow reader closed instead of growing memory."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from crdtmail.transport import CLOSE_TOO_SLOW, Dialer, Link, TransportLimits, serve_links
+
+TOKEN = "s3cret-token"
+
+
+def authenticate(token: str) -> Any:
+    return {"device": "phone"} if token == TOKEN else None
+
+
+def port_of(server: Any) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def echo(link: Link) -> None:
+    async for frame in link.frames():
+        link.send(b"echo:" + frame)
+
+
+@pytest.mark.timeout(30)
+def test_frames_both_ways_with_a_valid_token() -> None:
+    async def main() -> None:
+        server = await serve_links(echo, authenticate=authenticate)
+        try:
+            received: list[bytes] = []
+            done = asyncio.Event()
+
+            async def client(link: Link) -> None:
+                for n in range(100):
+                    link.send(bytes([n]) * 1000)
+                async for frame in link.frames():
+                    received.append(frame)
+                    if len(received) == 100:
+                        done.set()
+                        return
+
+            dialer = Dialer(f"ws://127.0.0.1:{port_of(server)}/sync", TOKEN, client)
+            task = asyncio.create_task(dialer.run())
+            await asyncio.wait_for(done.wait(), 10)
+            dialer.stop()
+            await asyncio.wait_for(task, 10)
+            assert received == [b"echo:" + bytes([n]) * 1000 for n in range(100)]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic xyz"}])
+def test_no_token_or_a_wrong_one_gets_401_and_nothing_else(headers: dict[str, str]) -> None:
+    async def main() -> None:
+        reached: list[Link] = []
+
+        async def record(link: Link) -> None:
+            reached.append(link)
+
+        server = await serve_links(record, authenticate=authenticate)
+        try:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"ws://127.0.0.1:{port_of(server)}/sync", additional_headers=headers)
+            assert refused.value.response.status_code == 401
+            assert TOKEN.encode() not in refused.value.response.body
+            assert reached == []
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_token_in_the_query_string_for_clients_that_cannot_set_headers() -> None:
+    async def main() -> None:
+        server = await serve_links(echo, authenticate=authenticate)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/m/index?token={TOKEN}") as websocket:
+                await websocket.send(b"x")
+                assert await asyncio.wait_for(websocket.recv(), 5) == b"echo:x"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_the_dialer_reconnects_after_the_server_restarts() -> None:
+    async def main() -> None:
+        server = await serve_links(echo, authenticate=authenticate)
+        port = port_of(server)
+        links: list[Link] = []
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def client(link: Link) -> None:
+            links.append(link)
+            link.send(f"hello {len(links)}".encode())
+            async for frame in link.frames():
+                await replies.put(frame)
+
+        dialer = Dialer(f"ws://127.0.0.1:{port}/sync", TOKEN, client, initial_delay=0.05, max_delay=0.5)
+        task = asyncio.create_task(dialer.run())
+        assert await asyncio.wait_for(replies.get(), 10) == b"echo:hello 1"
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.3)  # a few failed attempts while nobody listens
+        assert dialer.last_error is not None and "cannot reach" in dialer.last_error
+        server = await serve_links(echo, authenticate=authenticate, port=port)
+        try:
+            assert await asyncio.wait_for(replies.get(), 10) == b"echo:hello 2"
+            assert dialer.connections == 2
+        finally:
+            dialer.stop()
+            if links[-1] is not None and not links[-1].closed:
+                await links[-1].close()
+            await asyncio.wait_for(task, 10)
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_reader_is_closed_and_memory_stays_bounded() -> None:
+    limits = TransportLimits(max_pending_send_bytes=2 * 1024 * 1024)
+    result: dict[str, Any] = {}
+
+    async def flood(link: Link) -> None:
+        frame = b"x" * 64 * 1024
+        sent = 0
+        for _ in range(2000):  # 128 MB if nothing stopped it
+            if not link.send(frame):
+                break
+            sent += 1
+            result["max_pending"] = max(result.get("max_pending", 0), link.pending_bytes)
+            await asyncio.sleep(0)
+        result["sent"] = sent
+        await link.wait_closed()
+
+    async def main() -> None:
+        server = await serve_links(flood, authenticate=authenticate, limits=limits)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                               additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                               max_queue=1, max_size=None) as websocket:
+                await asyncio.sleep(2)  # never read: the server's queue fills up
+                with pytest.raises(Exception):  # noqa: B017, PT011 (closed by the server: any close is fine)
+                    while True:
+                        await asyncio.wait_for(websocket.recv(), 5)
+                assert websocket.close_code == CLOSE_TOO_SLOW
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert result["sent"] < 2000
+    assert result["max_pending"] <= limits.max_pending_send_bytes
+
+
+def test_backoff_grows_jittered_and_capped() -> None:
+    async def noop(link: Link) -> None:
+        return None
+
+    dialer = Dialer("ws://127.0.0.1:1/", TOKEN, noop, initial_delay=0.1, max_delay=5.0, rng=random.Random(1))
+    delays = [dialer.next_delay(n) for n in range(12)]
+    assert all(0.05 <= d <= 5.0 for d in delays)
+    assert delays[0] <= 0.1 and delays[5] > delays[0] and max(delays[8:]) <= 5.0
+    assert len({round(d, 6) for d in delays[8:]}) > 1  # jittered, not a constant cap
