@@ -157,7 +157,7 @@ def test_a_slow_reader_is_closed_and_memory_stays_bounded() -> None:
                                additional_headers={"Authorization": f"Bearer {TOKEN}"},
                                max_queue=1, max_size=None) as websocket:
                 await asyncio.sleep(2)  # never read: the server's queue fills up
-                with pytest.raises(Exception):  # noqa: B017, PT011 (closed by the server: any close is fine)
+                with pytest.raises(Exception):  # noqa: B017 (closed by the server: any close is fine)
                     while True:
                         await asyncio.wait_for(websocket.recv(), 5)
                 assert websocket.close_code == CLOSE_TOO_SLOW
