@@ -22,8 +22,9 @@ from typing import Any, TextIO
 import orjson
 
 from crdtmail import __version__
+from crdtmail.auth import DeviceRegistry
 from crdtmail.config import resolve_data_dir
-from crdtmail.errors import CrdtmailError, ModelError
+from crdtmail.errors import ConfigError, CrdtmailError, ModelError
 from crdtmail.model.backend import IndexRow
 from crdtmail.model.flags import LETTER_FOR_FLAG
 from crdtmail.model.mailbox import Folder, Mailbox, MessageView
@@ -395,6 +396,41 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_pair(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailboxes = args.mailboxes or [args.mailbox or replica.config.default_mailbox]
+        token = DeviceRegistry(replica.store).pair(args.device, mailboxes)
+    if args.json:
+        _emit_json({"device": args.device, "mailboxes": sorted(set(mailboxes)), "token": token}, out)
+    else:
+        out.write(
+            f"paired {args.device} for {', '.join(sorted(set(mailboxes)))}; its token (shown only now, store it on "
+            f"the device):\n{token}\n"
+        )
+    return EXIT_OK
+
+
+def cmd_unpair(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        if not DeviceRegistry(replica.store).unpair(args.device):
+            raise ConfigError(f"no paired device named {args.device!r}; `crdtmail devices` lists them")
+    out.write(f"unpaired {args.device}: its token no longer opens a connection\n")
+    return EXIT_OK
+
+
+def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        devices = DeviceRegistry(replica.store).devices()
+    if args.json:
+        _emit_json([{"device": d.name, "mailboxes": sorted(d.mailboxes), "created": d.created} for d in devices], out)
+        return EXIT_OK
+    for device in devices:
+        out.write(f"{device.name}: {', '.join(sorted(device.mailboxes))} (paired {_format_date(device.created)})\n")
+    if not devices:
+        out.write("no paired devices: `crdtmail pair NAME --mailbox M` pairs one\n")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Generate a sample Maildir, import it into a fresh peer and list it (the sync demo comes with issue 5)."""
     from crdtmail.sample import generate_messages, write_maildir
@@ -494,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--move-to-trash", action="store_true", help="move its messages to the trash first")
     add("status", cmd_status, "documents, sizes and message totals of this peer")
+    p = add("pair", cmd_pair, "pair a device: make a token that lets it sync the given mailboxes")
+    p.add_argument("device", help="a name for the device, e.g. phone")
+    p.add_argument("--for", dest="mailboxes", action="append", metavar="MAILBOX",
+                   help="a mailbox the device may sync (repeatable; default: --mailbox or the default mailbox)")
+    p = add("unpair", cmd_unpair, "revoke a device's token")
+    p.add_argument("device")
+    add("devices", cmd_devices, "list paired devices (their tokens are not stored, only hashes)")
     p = add("demo", cmd_demo, "generate a sample Maildir, import it into a new peer and list it")
     p.add_argument("--dir", default=None, help="where to put the demo (default: a new temporary directory)")
     p.add_argument("--count", type=int, default=300, help="messages in the sample Maildir")

@@ -156,3 +156,14 @@ def test_demo_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "imported " in out and "newest in INBOX" in out
+
+
+def test_pair_devices_unpair(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
+    paired = run_json(capsys, data_dir, "pair", "phone", "--for", "default", "--for", "work")
+    assert paired["mailboxes"] == ["default", "work"] and len(paired["token"]) >= 40
+    listed = run_json(capsys, data_dir, "devices")
+    assert listed[0]["device"] == "phone" and "token" not in listed[0]
+    code, out, _ = run(capsys, data_dir, "unpair", "phone")
+    assert code == 0 and paired["token"] not in out
+    code, _, err = run(capsys, data_dir, "unpair", "phone")
+    assert code == 1 and "no paired device" in err

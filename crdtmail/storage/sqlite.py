@@ -76,6 +76,12 @@ CREATE TABLE IF NOT EXISTS indexed_shards (
     PRIMARY KEY (mailbox, shard)
 );
 CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    name TEXT PRIMARY KEY,
+    token_sha256 BLOB NOT NULL,
+    mailboxes TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
 """
 
 
@@ -205,6 +211,31 @@ class SqliteStore:
             "log_bytes": int(documents[2]),
             "log_updates": int(documents[3]),
         }
+
+    def add_device(self, name: str, token_sha256: bytes, mailboxes: Sequence[str], created: int) -> None:
+        """Record a paired device (its token only as a hash); pairing a name again replaces its token."""
+        try:
+            with _transaction(self._connection):
+                self._connection.execute(
+                    "INSERT OR REPLACE INTO devices (name, token_sha256, mailboxes, created) VALUES (?, ?, ?, ?)",
+                    (name, token_sha256, "\n".join(mailboxes), created),
+                )
+        except sqlite3.Error as exc:
+            raise _storage_error("write to", self.path, exc) from exc
+
+    def remove_device(self, name: str) -> bool:
+        """Forget a paired device; returns whether it was there."""
+        try:
+            with _transaction(self._connection):
+                cursor = self._connection.execute("DELETE FROM devices WHERE name = ?", (name,))
+        except sqlite3.Error as exc:
+            raise _storage_error("write to", self.path, exc) from exc
+        return cursor.rowcount > 0
+
+    def devices(self) -> list[tuple[str, bytes, list[str], int]]:
+        """Every paired device: name, token hash, mailboxes, creation time."""
+        rows = self._query("SELECT name, token_sha256, mailboxes, created FROM devices ORDER BY name")
+        return [(row[0], bytes(row[1]), [m for m in row[2].split("\n") if m], int(row[3])) for row in rows]
 
     def integrity_check(self) -> str:
         """SQLite's own integrity check ("ok" when the file is sound)."""
