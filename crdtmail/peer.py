@@ -1,0 +1,237 @@
+"""The peer: the one place that glues a replica's mailboxes, its store and the sync sessions of its links.
+
+A local change is sent to every connected peer that shares the mailbox; a remote update is applied (its origin
+is the connection it came from), committed, and relayed to every other connected peer, never back to its
+source. So a chain A - B - C converges with no A - C link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl as ssl_module
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import Server
+
+from crdtmail.auth import Device, DeviceRegistry
+from crdtmail.model.backend import CommitBatch
+from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
+from crdtmail.protocol.frames import CloseCode, websocket_close_code
+from crdtmail.protocol.session import (
+    BlobReceived,
+    BlobsWanted,
+    ConnectionClosed,
+    HelloReceived,
+    MailboxSource,
+    MailboxSync,
+    ProtocolViolation,
+    Refused,
+    Role,
+    SyncComplete,
+    SyncConnection,
+    Welcomed,
+)
+from crdtmail.replica import Replica
+from crdtmail.transport import Dialer, Link, TransportLimits, serve_links
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionStatus:
+    """What ``crdtmail peers`` shows of one connection."""
+
+    remote_peer: str
+    role: str
+    mailboxes: list[str]
+    synced: list[str]
+    connected_at: float
+    last_sync: float | None
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass(eq=False)  # identity, not value: sessions live in a set
+class _Session:
+    """One link's protocol state and its per-mailbox syncs."""
+
+    peer: Peer
+    link: Link
+    connection: SyncConnection
+    device: Device | None = None
+    wanted: Sequence[str] = ()
+    syncs: dict[str, MailboxSync] = field(default_factory=dict)
+    synced: set[str] = field(default_factory=set)
+    connected_at: float = field(default_factory=time.time)
+    last_sync: float | None = None
+
+    async def run(self) -> None:
+        self.peer.sessions.add(self)
+        try:
+            if self.connection.role is Role.CLIENT:
+                self.connection.send_hello(self.peer.peer_id, self.wanted)
+                self.flush()
+            async for frame in self.link.frames():
+                self.connection.receive_data(frame)
+                self.handle_events()
+                self.flush()
+                if not self.connection.is_open and self.connection.close_code is not None:
+                    break
+            if self.connection.close_code is None:
+                self.connection.connection_lost()
+                self.handle_events()
+        finally:
+            self.peer.sessions.discard(self)
+
+    def handle_events(self) -> None:
+        for event in self.connection.events_received():
+            if isinstance(event, HelloReceived):
+                self._answer_hello(event)
+            elif isinstance(event, Welcomed):
+                log.info("connected to peer %s: syncing %s", event.peer_id, ", ".join(event.mailboxes) or "nothing")
+                self._start(event.mailboxes)
+            elif isinstance(event, Refused):
+                log.warning("peer %s refused us: %s", self.link.name, event.reason)
+            elif isinstance(event, BlobsWanted):
+                for sha256 in event.hashes:
+                    data = self.peer.blob(sha256)
+                    if data is None:
+                        self.connection.send_blob_missing(sha256)
+                    else:
+                        self.connection.send_blob(sha256, data)
+            elif isinstance(event, BlobReceived):
+                self.peer.store_blob(event.sha256, event.data)
+            elif isinstance(event, ProtocolViolation):
+                log.warning("closing link %s: %s", self.link.name, event.reason)
+            elif isinstance(event, ConnectionClosed):
+                self.flush()
+                self.link.close_soon(websocket_close_code(event.code), event.reason[:120])
+            for sync in list(self.syncs.values()):
+                for follow_up in sync.handle(event):
+                    if isinstance(follow_up, SyncComplete):
+                        self.synced.add(follow_up.mailbox)
+                        self.last_sync = time.time()
+                        log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
+
+    def _answer_hello(self, hello: HelloReceived) -> None:
+        device = self.device
+        granted = [name for name in hello.mailboxes if device is not None and device.may_see(name)]
+        refused = [name for name in hello.mailboxes if name not in granted]
+        if not granted:
+            self.connection.refuse(
+                CloseCode.UNAUTHORIZED,
+                f"this device is not paired for {', '.join(refused) or 'any mailbox'}; pair it with --for MAILBOX",
+            )
+            return
+        if refused:
+            log.info("device %s asked for mailboxes it was not paired for: %s", device and device.name,
+                     ", ".join(refused))
+        self.connection.welcome(self.peer.peer_id, granted)
+        self._start(granted)
+
+    def _start(self, mailboxes: Sequence[str]) -> None:
+        for name in mailboxes:
+            mailbox = self.peer.mailbox(name)
+            sync = MailboxSync(self.connection, name, MailboxSource(mailbox, accepts=is_document_name))
+            self.syncs[name] = sync
+            sync.start()
+
+    def on_change(self, mailbox: str, change: MailboxChange) -> None:
+        sync = self.syncs.get(mailbox)
+        if sync is not None:
+            sync.on_change(change)
+            self.flush()
+
+    def flush(self) -> None:
+        for data in self.connection.data_to_send():
+            self.link.send(data)
+
+    def status(self) -> SessionStatus:
+        return SessionStatus(
+            remote_peer=self.connection.peer_id,
+            role=self.connection.role.value,
+            mailboxes=sorted(self.syncs),
+            synced=sorted(self.synced),
+            connected_at=self.connected_at,
+            last_sync=self.last_sync,
+            bytes_sent=self.connection.bytes_sent,
+            bytes_received=self.connection.bytes_received,
+        )
+
+
+class Peer:
+    """A replica's mailboxes, kept in step with every peer it is linked to, listening or dialing."""
+
+    def __init__(self, replica: Replica, *, limits: TransportLimits | None = None) -> None:
+        self.replica = replica
+        self.registry = DeviceRegistry(replica.store)
+        self.limits = limits or TransportLimits()
+        self.sessions: set[_Session] = set()
+        self.dialers: list[Dialer] = []
+        self._mailboxes: dict[str, Mailbox] = {}
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's identity."""
+        return self.replica.peer_id
+
+    def mailbox(self, name: str) -> Mailbox:
+        """A mailbox of this replica (created when a peer first shares it), observed for changes to relay."""
+        mailbox = self._mailboxes.get(name)
+        if mailbox is None:
+            mailbox = self.replica.mailbox(name, create=True)
+            mailbox.observe(functools.partial(self._relay, name))
+            self._mailboxes[name] = mailbox
+        return mailbox
+
+    def _relay(self, mailbox: str, change: MailboxChange) -> None:
+        for session in list(self.sessions):
+            session.on_change(mailbox, change)
+
+    def blob(self, sha256: str) -> bytes | None:
+        """A body this peer holds, verified."""
+        return self.replica.store.backend("").get_blob(sha256)
+
+    def store_blob(self, sha256: str, data: bytes) -> None:
+        """Keep a verified body received from a peer."""
+        self.replica.store.backend("").commit(CommitBatch(blobs={sha256: data}))
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
+                    ssl: ssl_module.SSLContext | None = None) -> Server:
+        """Listen for paired devices (127.0.0.1 unless told otherwise)."""
+
+        async def accept(link: Link) -> None:
+            await _Session(self, link, SyncConnection(Role.SERVER), device=link.principal).run()
+
+        return await serve_links(accept, authenticate=self.registry.authenticate, host=host, port=port,
+                                 limits=self.limits, ssl=ssl)
+
+    def dial(self, url: str, token: str, mailboxes: Sequence[str], *,
+             ssl: ssl_module.SSLContext | None = None, **backoff: Any) -> Dialer:
+        """A dialer that keeps a link to ``url`` up, syncing ``mailboxes``; run it with ``await dialer.run()``."""
+        wanted = list(mailboxes)
+
+        async def on_link(link: Link) -> None:
+            await _Session(self, link, SyncConnection(Role.CLIENT), wanted=wanted).run()
+
+        dialer = Dialer(url, token, on_link, limits=self.limits, ssl=ssl, **backoff)
+        self.dialers.append(dialer)
+        return dialer
+
+    def status(self) -> list[SessionStatus]:
+        """The connected peers, their mailboxes and sync state."""
+        return [session.status() for session in self.sessions]
+
+    async def wait_synced(self, mailbox: str, *, timeout: float, condition: Callable[[], bool] | None = None) -> bool:
+        """Wait until some link reports ``mailbox`` in sync (and ``condition`` holds); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(mailbox in s.synced for s in self.sessions) and (condition is None or condition()):
+                return True
+            await asyncio.sleep(0.02)
+        return False

@@ -1,0 +1,150 @@
+"""Peers over real sockets on 127.0.0.1: convergence both ways after offline edits, relaying through a middle
+peer, and refusal of mailboxes a device was not paired for."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from crdtmail.model.mailbox import Mailbox
+from crdtmail.peer import Peer
+from crdtmail.replica import Replica
+from crdtmail.sample import generate_messages, write_maildir
+
+
+def snapshot(mailbox: Mailbox) -> tuple[object, ...]:
+    folders = sorted((f.id, f.path) for f in mailbox.folders())
+    messages = sorted((m.id, m.folder_id, tuple(sorted(m.flags))) for m in mailbox.all_messages())
+    return folders, messages
+
+
+async def until(condition: object, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("peers did not converge in time")
+        await asyncio.sleep(0.02)
+
+
+def port_of(server: object) -> int:
+    return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(60)
+def test_two_peers_converge_both_ways_after_offline_edits(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    write_maildir(maildir, generate_messages(40, seed=4))
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desktop_replica.import_path(maildir)
+    phone_replica = Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica), Peer(phone_replica)
+        token = desktop.registry.pair("phone", ["default"])
+        server = await desktop.serve()
+        url = f"ws://127.0.0.1:{port_of(server)}/sync"
+        dialer = phone.dial(url, token, ["default"], initial_delay=0.05, max_delay=0.2)
+        task = asyncio.create_task(dialer.run())
+        desk_box = desktop.mailbox("default")
+        await until(lambda: "default" in phone_replica.mailbox_names()
+                    and snapshot(phone.mailbox("default")) == snapshot(desk_box))
+        phone_box = phone.mailbox("default")
+        ids = [m.id for m in desk_box.all_messages()]
+
+        # Online: a change on either side reaches the other.
+        desk_box.set_flags(ids[0], add=["flagged"])
+        await until(lambda: "\\Flagged" in phone_box.message(ids[0]).flags)
+        phone_box.move(ids[1], "Archive")
+        await until(lambda: desk_box.message(ids[1]).folder_id == "archive")
+
+        # Offline: the phone drops off, both sides change things, then it comes back.
+        dialer.stop()
+        for session in list(phone.sessions):
+            await session.link.close()
+        await asyncio.wait_for(task, 10)
+        desk_box.set_flags(ids[2], add=["seen", "$Desk"])
+        desk_box.create_folder("FromDesktop")
+        phone_box.delete(ids[3])
+        phone_box.set_flags(ids[4], add=["answered"])
+        phone_box.expunge(ids[5])
+        assert snapshot(desk_box) != snapshot(phone_box)
+        dialer = phone.dial(url, token, ["default"], initial_delay=0.05, max_delay=0.2)
+        task = asyncio.create_task(dialer.run())
+        await until(lambda: snapshot(desk_box) == snapshot(phone_box))
+        assert desk_box.message(ids[3]).folder_id == "trash"
+        assert ids[5] not in {m.id for m in desk_box.all_messages()}
+        assert "$Desk" in phone_box.message(ids[2]).flags
+        dialer.stop()
+        for session in list(phone.sessions):
+            await session.link.close()
+        await asyncio.wait_for(task, 10)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    desktop_replica.close()
+    phone_replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_chain_converges_through_the_middle_peer(tmp_path: Path) -> None:
+    replicas = [Replica.init(tmp_path / name) for name in ("a", "b", "c")]
+
+    async def main() -> None:
+        a, b, c = (Peer(replica) for replica in replicas)
+        server_a = await a.serve()
+        server_b = await b.serve()
+        token_b = a.registry.pair("b", ["default"])
+        token_c = b.registry.pair("c", ["default"])
+        dial_b = b.dial(f"ws://127.0.0.1:{port_of(server_a)}/sync", token_b, ["default"], initial_delay=0.05)
+        dial_c = c.dial(f"ws://127.0.0.1:{port_of(server_b)}/sync", token_c, ["default"], initial_delay=0.05)
+        tasks = [asyncio.create_task(dial_b.run()), asyncio.create_task(dial_c.run())]
+        box_a, box_c = a.mailbox("default"), c.mailbox("default")
+        raw = (b"From: x@y\r\nSubject: through the chain\r\nMessage-ID: <chain@x>\r\n"
+               b"Date: 02 Nov 2026 10:00:00 +0000\r\n\r\nhi\r\n")
+        mid = box_a.add(raw).message_id
+        await until(lambda: mid in {m.id for m in box_c.all_messages()})
+        box_c.set_flags(mid, add=["seen"])
+        await until(lambda: "\\Seen" in box_a.message(mid).flags)
+        assert snapshot(box_a) == snapshot(b.mailbox("default")) == snapshot(box_c)
+        for dialer in (dial_b, dial_c):
+            dialer.stop()
+        for peer in (b, c):
+            for session in list(peer.sessions):
+                if session.connection.role.value == "client":
+                    await session.link.close()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        for server in (server_a, server_b):
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    for replica in replicas:
+        replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_device_gets_nothing_of_a_mailbox_it_was_not_paired_for(tmp_path: Path) -> None:
+    owner, other = Replica.init(tmp_path / "owner"), Replica.init(tmp_path / "other")
+
+    async def main() -> None:
+        a, b = Peer(owner), Peer(other)
+        secret = a.mailbox("secret")
+        secret.add(b"From: x@y\r\nSubject: private\r\nMessage-ID: <p@x>\r\n\r\nhush\r\n")
+        token = a.registry.pair("other", ["default"])
+        server = await a.serve()
+        dialer = b.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["secret"], initial_delay=0.05,
+                        max_delay=0.1)
+        task = asyncio.create_task(dialer.run())
+        await asyncio.sleep(0.5)
+        dialer.stop()
+        await asyncio.wait_for(task, 10)
+        assert "secret" not in other.mailbox_names()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    owner.close()
+    other.close()
