@@ -7,11 +7,14 @@ non-zero: 1 for a refused operation or bad input, 2 for a usage error, 130 when 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import email
 import email.policy
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -23,11 +26,12 @@ import orjson
 
 from crdtmail import __version__
 from crdtmail.auth import DeviceRegistry
-from crdtmail.config import resolve_data_dir
+from crdtmail.config import RemotePeer, resolve_data_dir
 from crdtmail.errors import ConfigError, CrdtmailError, ModelError
 from crdtmail.model.backend import IndexRow
 from crdtmail.model.flags import LETTER_FOR_FLAG
 from crdtmail.model.mailbox import Folder, Mailbox, MessageView
+from crdtmail.peer import Peer
 from crdtmail.replica import ImportReport, Replica
 
 log = logging.getLogger("crdtmail")
@@ -431,6 +435,146 @@ def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+STATUS_FILE = "status.json"
+
+
+def _status_payload(peer: Peer) -> dict[str, Any]:
+    return {
+        "peer_id": peer.peer_id,
+        "written": time.time(),
+        "sessions": [vars(status) for status in peer.status()],
+        "dialers": [{"url": d.url, "connections": d.connections, "last_error": d.last_error} for d in peer.dialers],
+    }
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    host = args.host or None
+    with _open(args) as replica:
+        config = replica.config
+        return asyncio.run(_serve(replica, host or config.listen_host,
+                                  config.listen_port if args.port is None else args.port, out))
+
+
+async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
+    peer = Peer(replica)
+    try:
+        server = await peer.serve(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
+    bound = server.sockets[0].getsockname()
+    out.write(f"listening on ws://{bound[0]}:{bound[1]}/sync (peer {peer.peer_id}); Ctrl-C stops\n")
+    out.flush()
+    tasks = [asyncio.create_task(peer.dial(remote.url, remote.token, remote.mailboxes).run())
+             for remote in replica.config.peers]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    status_path = replica.data_dir / STATUS_FILE
+    try:
+        while not stop.is_set():
+            status_path.write_bytes(orjson.dumps(_status_payload(peer)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+    finally:
+        for dialer in peer.dialers:
+            dialer.stop()
+        for session in list(peer.sessions):
+            await session.link.close(1001, "peer shutting down")
+        server.close()
+        await server.wait_closed()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        status_path.unlink(missing_ok=True)
+    out.write("stopped; every change is committed\n")
+    return EXIT_OK
+
+
+def cmd_connect(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        mailboxes = tuple(args.mailboxes or [args.mailbox or replica.config.default_mailbox])
+        remote = RemotePeer(args.url, args.token, mailboxes)
+        RemotePeer.from_toml({"url": remote.url, "token": remote.token, "mailboxes": list(mailboxes)},
+                             replica.config.path)
+        replica.config.add_peer(remote)
+    out.write(f"will sync {', '.join(mailboxes)} with {args.url} (saved in {replica.config.path})\n")
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        if not replica.config.peers:
+            raise ConfigError("no peers configured: `crdtmail connect URL --token T` adds one")
+        results = asyncio.run(_sync_once(replica, args.timeout))
+    failed = [r for r in results if not r["synced"]]
+    if args.json:
+        _emit_json(results, out)
+    else:
+        for r in results:
+            state = "in sync" if r["synced"] else f"NOT in sync ({r['error'] or 'timed out'})"
+            out.write(f"{r['url']}: {', '.join(r['mailboxes'])} {state}; sent {r['bytes_sent']} B, "
+                      f"received {r['bytes_received']} B\n")
+    if failed:
+        sys.stderr.write(f"crdtmail: error: {len(failed)} of {len(results)} peers could not be synced; local "
+                         "changes are kept and go out at the next sync\n")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
+    peer = Peer(replica)
+    dialers = [(remote, peer.dial(remote.url, remote.token, remote.mailboxes, max_delay=2.0))
+               for remote in replica.config.peers]
+    tasks = [asyncio.create_task(dialer.run()) for _, dialer in dialers]
+    deadline = time.monotonic() + timeout
+
+    def synced(url: str, mailboxes: Sequence[str]) -> dict[str, Any] | None:
+        for session in peer.sessions:
+            if session.link.name == url and set(mailboxes) <= session.synced:
+                return {"bytes_sent": session.connection.bytes_sent,
+                        "bytes_received": session.connection.bytes_received}
+        return None
+
+    while time.monotonic() < deadline and not all(synced(r.url, r.mailboxes) for r, _ in dialers):
+        await asyncio.sleep(0.05)
+    results = []
+    for remote, dialer in dialers:
+        figures = synced(remote.url, remote.mailboxes)
+        results.append({"url": remote.url, "mailboxes": list(remote.mailboxes), "synced": figures is not None,
+                        "error": dialer.last_error, **(figures or {"bytes_sent": 0, "bytes_received": 0})})
+        dialer.stop()
+    for session in list(peer.sessions):
+        await session.link.close(1000, "sync done")
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return results
+
+
+def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as replica:
+        configured = [{"url": r.url, "mailboxes": list(r.mailboxes)} for r in replica.config.peers]
+        status_path = replica.data_dir / STATUS_FILE
+        live: dict[str, Any] | None = None
+        if status_path.exists():
+            live = orjson.loads(status_path.read_bytes())
+            if time.time() - float(live.get("written", 0)) > 10:
+                live = None  # left by a peer that was killed
+    if args.json:
+        _emit_json({"configured": configured, "running": live}, out)
+        return EXIT_OK
+    for entry in configured:
+        out.write(f"dials {entry['url']} for {', '.join(entry['mailboxes'])}\n")
+    if live is None:
+        out.write("no `crdtmail serve` is running for this data directory\n")
+        return EXIT_OK
+    for session in live["sessions"]:
+        last = _format_date(int(session["last_sync"])) if session["last_sync"] else "never"
+        out.write(f"connected ({session['role']}) to {session['remote_peer']}: {', '.join(session['mailboxes'])}; "
+                  f"in sync: {', '.join(session['synced']) or 'not yet'}; last sync {last}\n")
+    for dialer in live["dialers"]:
+        if dialer["last_error"]:
+            out.write(f"{dialer['url']}: {dialer['last_error']}\n")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Generate a sample Maildir, import it into a fresh peer and list it (the sync demo comes with issue 5)."""
     from crdtmail.sample import generate_messages, write_maildir
@@ -537,6 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("unpair", cmd_unpair, "revoke a device's token")
     p.add_argument("device")
     add("devices", cmd_devices, "list paired devices (their tokens are not stored, only hashes)")
+    p = add("serve", cmd_serve, "run this peer: accept paired devices and dial configured peers until stopped")
+    p.add_argument("--host", default=None, help="address to listen on (default: [listen] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: [listen] port, 7878)")
+    p = add("connect", cmd_connect, "add a peer to dial, with the token it paired for this device")
+    p.add_argument("url", help="ws://host:port/sync or wss://...")
+    p.add_argument("--token", required=True, help="the token `crdtmail pair` printed on that peer")
+    p.add_argument("--for", dest="mailboxes", action="append", metavar="MAILBOX", help="mailbox to sync (repeatable)")
+    p = add("sync", cmd_sync, "sync once with every configured peer, then exit")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every peer")
+    add("peers", cmd_peers, "configured peers, and what a running `crdtmail serve` is connected to")
     p = add("demo", cmd_demo, "generate a sample Maildir, import it into a new peer and list it")
     p.add_argument("--dir", default=None, help="where to put the demo (default: a new temporary directory)")
     p.add_argument("--count", type=int, default=300, help="messages in the sample Maildir")

@@ -30,6 +30,8 @@ APP_NAME = "crdtmail"
 CONFIG_FILE = "config.toml"
 DATABASE_FILE = "crdtmail.sqlite3"
 DATA_DIR_ENV = "CRDTMAIL_DATA_DIR"
+DEFAULT_HOST = "127.0.0.1"  # listening beyond this machine is a decision, never a default
+DEFAULT_PORT = 7878
 
 _DEFAULT_TEXT = """\
 # crdtmail settings for this data directory. See README.md for every key.
@@ -40,6 +42,13 @@ default = "default"
 [store]
 # NORMAL survives kill -9 of the process; FULL also survives a power cut, at the cost of an fsync per change.
 synchronous = "NORMAL"
+
+[listen]
+# Where `crdtmail serve` accepts paired devices. 127.0.0.1 keeps it on this machine.
+host = "127.0.0.1"
+port = 7878
+
+# Peers to dial are added by `crdtmail connect URL --token T`, as [[peers]] tables at the end of this file.
 """
 
 
@@ -65,6 +74,9 @@ class Config:
     path: Path
     default_mailbox: str = "default"
     synchronous: str = "NORMAL"
+    listen_host: str = DEFAULT_HOST
+    listen_port: int = DEFAULT_PORT
+    peers: tuple[RemotePeer, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -86,7 +98,29 @@ class Config:
         synchronous = store.get("synchronous", "NORMAL")
         if not isinstance(synchronous, str) or synchronous.upper() not in ("NORMAL", "FULL"):
             raise ConfigError(f'{path}: [store] synchronous must be "NORMAL" or "FULL"')
-        return cls(path=path, default_mailbox=default_mailbox, synchronous=synchronous.upper(), raw=raw)
+        listen = _section(raw, "listen", path)
+        host = listen.get("host", DEFAULT_HOST)
+        port = listen.get("port", DEFAULT_PORT)
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{path}: [listen] host must be a host name or address")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"{path}: [listen] port must be a number from 0 to 65535")
+        peers = raw.get("peers", [])
+        if not isinstance(peers, list):
+            raise ConfigError(f"{path}: peers must be [[peers]] tables")
+        return cls(path=path, default_mailbox=default_mailbox, synchronous=synchronous.upper(), listen_host=host,
+                   listen_port=port, peers=tuple(RemotePeer.from_toml(entry, path) for entry in peers), raw=raw)
+
+    def add_peer(self, peer: RemotePeer) -> None:
+        """Append a peer to dial to the config file (kept readable by its owner only: it holds a token)."""
+        if any(existing.url == peer.url for existing in self.peers):
+            raise ConfigError(f"{peer.url} is configured already; edit {self.path} to change it")
+        Config.write_default(self.path)
+        mailboxes = ", ".join(_toml_string(name) for name in peer.mailboxes)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(f"\n[[peers]]\nurl = {_toml_string(peer.url)}\ntoken = {_toml_string(peer.token)}\n"
+                         f"mailboxes = [{mailboxes}]\n")
+        self.path.chmod(0o600)
 
     @staticmethod
     def write_default(path: Path) -> None:
@@ -95,6 +129,33 @@ class Config:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_DEFAULT_TEXT, encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class RemotePeer:
+    """A peer this one dials: its URL, the device token it gave us, the mailboxes to sync with it."""
+
+    url: str
+    token: str
+    mailboxes: tuple[str, ...]
+
+    @classmethod
+    def from_toml(cls, entry: Any, path: Path) -> RemotePeer:
+        """Read one [[peers]] table."""
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: each [[peers]] entry must be a table")
+        url, token, mailboxes = entry.get("url"), entry.get("token"), entry.get("mailboxes", ["default"])
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"{path}: a [[peers]] url must start with ws:// or wss://")
+        if not isinstance(token, str) or not token:
+            raise ConfigError(f"{path}: the [[peers]] entry for {url} needs its device token")
+        if not isinstance(mailboxes, list) or not all(isinstance(m, str) and valid_mailbox_name(m) for m in mailboxes):
+            raise ConfigError(f"{path}: mailboxes of {url} must be a list of mailbox names")
+        return cls(url, token, tuple(mailboxes))
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _section(raw: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

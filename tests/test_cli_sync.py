@@ -1,0 +1,91 @@
+"""serve, connect, sync and peers as a person runs them: separate processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from crdtmail.sample import generate_messages, write_maildir
+
+CLI = [sys.executable, "-m", "crdtmail.cli"]
+
+
+def crdtmail(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*CLI, "--data-dir", str(data_dir), *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def as_json(data_dir: Path, *args: str) -> Any:
+    return orjson.loads(crdtmail(data_dir, *args, "--json").stdout)
+
+
+@pytest.mark.timeout(120)
+def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    write_maildir(tmp_path / "Maildir", generate_messages(30, seed=9))
+    crdtmail(desktop, "init")
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
+    crdtmail(phone, "init")
+
+    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("listening on ws://127.0.0.1:"), line + (server.stderr.read() if server.stderr else "")
+        url = line.split()[2]
+        assert token not in line
+
+        crdtmail(phone, "connect", url, "--token", token, "--for", "default")
+        assert (phone / "config.toml").stat().st_mode & 0o077 == 0  # the token is not readable by others
+        first = crdtmail(phone, "sync", "--timeout", "30")
+        assert "in sync" in first.stdout
+        desk_list = as_json(desktop, "ls", "--limit", "1000")
+        phone_list = as_json(phone, "ls", "--limit", "1000")
+        assert desk_list == phone_list and desk_list["total"] > 0
+
+        target = phone_list["messages"][0]["id"]
+        crdtmail(phone, "flag", target, "+flagged")  # offline: no connection now
+        crdtmail(phone, "move", target, "Archive")
+        crdtmail(phone, "sync", "--timeout", "30")
+        shown = as_json(desktop, "show", target)
+        assert shown["folder"] == "Archive" and "\\Flagged" in shown["flags"]
+
+        peers = as_json(desktop, "peers")
+        assert peers["running"] is not None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=20)
+    assert server.returncode == 0, err
+    assert "stopped" in out
+    assert token not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_sync_with_a_wrong_token_says_so(tmp_path: Path) -> None:
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    crdtmail(desktop, "init")
+    crdtmail(phone, "init")
+    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split()[2]
+        crdtmail(phone, "connect", url, "--token", "not-a-token")
+        result = crdtmail(phone, "sync", "--timeout", "3", check=False)
+        assert result.returncode == 1
+        assert "refused our device token (HTTP 401)" in result.stdout
+        assert "not-a-token" not in result.stdout + result.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=20)
