@@ -12,7 +12,7 @@ import functools
 import logging
 import ssl as ssl_module
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,7 @@ class _Session:
                         self.synced.add(follow_up.mailbox)
                         self.last_sync = time.time()
                         log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
+                        self.want_bodies(self.peer.missing_bodies(follow_up.mailbox))
 
     def _answer_hello(self, hello: HelloReceived) -> None:
         device = self.device
@@ -145,6 +146,19 @@ class _Session:
         sync = self.syncs.get(mailbox)
         if sync is not None:
             sync.on_change(change)
+            if change.origin is self.connection and change.added and self.peer.fetch_bodies:
+                # The peer that sent the new messages has their bodies.
+                box = self.peer.mailbox(mailbox)
+                self.want_bodies(
+                    box.message(message_id).envelope.body_sha256 for message_id in change.added
+                    if not self.peer.has_blob(box.message(message_id).envelope.body_sha256)
+                )
+            self.flush()
+
+    def want_bodies(self, hashes: Iterable[str]) -> None:
+        wanted = [h for h in hashes if h and h not in self.connection.wanted_blobs]
+        if wanted and self.connection.is_open:
+            self.connection.want_blobs(wanted)
             self.flush()
 
     def flush(self) -> None:
@@ -167,8 +181,9 @@ class _Session:
 class Peer:
     """A replica's mailboxes, kept in step with every peer it is linked to, listening or dialing."""
 
-    def __init__(self, replica: Replica, *, limits: TransportLimits | None = None) -> None:
+    def __init__(self, replica: Replica, *, limits: TransportLimits | None = None, fetch_bodies: bool = True) -> None:
         self.replica = replica
+        self.fetch_bodies = fetch_bodies
         self.registry = DeviceRegistry(replica.store)
         self.limits = limits or TransportLimits()
         self.sessions: set[_Session] = set()
@@ -192,6 +207,17 @@ class Peer:
     def _relay(self, mailbox: str, change: MailboxChange) -> None:
         for session in list(self.sessions):
             session.on_change(mailbox, change)
+
+    def missing_bodies(self, mailbox: str) -> list[str]:
+        """Body hashes of this mailbox's messages that this peer does not hold (empty unless it fetches bodies)."""
+        if not self.fetch_bodies:
+            return []
+        hashes = {m.envelope.body_sha256 for m in self.mailbox(mailbox).all_messages()}
+        return sorted(h for h in hashes if h and not self.has_blob(h))
+
+    def has_blob(self, sha256: str) -> bool:
+        """Whether this peer holds a body."""
+        return self.replica.store.backend("").has_blob(sha256)
 
     def blob(self, sha256: str) -> bytes | None:
         """A body this peer holds, verified."""

@@ -52,6 +52,9 @@ def test_two_peers_converge_both_ways_after_offline_edits(tmp_path: Path) -> Non
                     and snapshot(phone.mailbox("default")) == snapshot(desk_box))
         phone_box = phone.mailbox("default")
         ids = [m.id for m in desk_box.all_messages()]
+        # Bodies follow the documents: the phone asks for every one it lacks, and checks each hash.
+        await until(lambda: all(phone_box.body(i) is not None for i in ids))
+        assert all(phone_box.body(i) == desk_box.body(i) for i in ids)
 
         # Online: a change on either side reaches the other.
         desk_box.set_flags(ids[0], add=["flagged"])
@@ -106,6 +109,7 @@ def test_a_chain_converges_through_the_middle_peer(tmp_path: Path) -> None:
                b"Date: 02 Nov 2026 10:00:00 +0000\r\n\r\nhi\r\n")
         mid = box_a.add(raw).message_id
         await until(lambda: mid in {m.id for m in box_c.all_messages()})
+        await until(lambda: box_c.body(mid) == raw)  # fetched from b, which fetched it from a
         box_c.set_flags(mid, add=["seen"])
         await until(lambda: "\\Seen" in box_a.message(mid).flags)
         assert snapshot(box_a) == snapshot(b.mailbox("default")) == snapshot(box_c)
