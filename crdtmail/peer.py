@@ -3,6 +3,9 @@
 A local change is sent to every connected peer that shares the mailbox; a remote update is applied (its origin
 is the connection it came from), committed, and relayed to every other connected peer, never back to its
 source. So a chain A - B - C converges with no A - C link.
+
+Endpoints: ``/sync`` speaks crdtmail's multiplexed protocol (docs/protocol.md); ``/<mailbox>/<document>``
+speaks plain y-websocket for one document, so a stock Yjs client can sync a shard.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import Server
 
 from crdtmail.auth import Device, DeviceRegistry
+from crdtmail.errors import ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
-from crdtmail.protocol.frames import CloseCode, websocket_close_code
+from crdtmail.protocol.frames import (
+    CloseCode,
+    SyncType,
+    decode_y_websocket,
+    encode_y_websocket_sync,
+    websocket_close_code,
+)
 from crdtmail.protocol.session import (
     BlobReceived,
     BlobsWanted,
@@ -178,6 +189,50 @@ class _Session:
         )
 
 
+class _YSession:
+    """One stock Yjs client on the single-document endpoint ``/<mailbox>/<document>`` (plain y-websocket).
+
+    Sync messages only: awareness (presence) messages are read and dropped, as a mail replica has no cursors.
+    """
+
+    def __init__(self, peer: Peer, link: Link, mailbox: str, document: str) -> None:
+        self.peer = peer
+        self.link = link
+        self.mailbox_name = mailbox
+        self.document = document
+        self.box = peer.mailbox(mailbox)
+
+    async def run(self) -> None:
+        self.peer.y_sessions.add(self)
+        try:
+            self.link.send(encode_y_websocket_sync(SyncType.STEP1, self.box.document_state_vector(self.document)))
+            async for frame in self.link.frames():
+                try:
+                    message = decode_y_websocket(frame)
+                    if message.sync_type is SyncType.STEP1:
+                        diff = self.box.encode_document(self.document, message.payload)
+                        self.link.send(encode_y_websocket_sync(SyncType.STEP2, diff))
+                    elif message.sync_type is not None:
+                        applied = self.box.apply_update(self.document, message.payload, self,
+                                                        check_causality=message.sync_type is SyncType.UPDATE)
+                        if not applied:  # it builds on something we lack: ask the client for it
+                            state = self.box.document_state_vector(self.document)
+                            self.link.send(encode_y_websocket_sync(SyncType.STEP1, state))
+                except (ProtocolError, ModelError, ValueError) as exc:
+                    log.warning("closing y-websocket client %s: %s", self.link.name, exc)
+                    await self.link.close(websocket_close_code(CloseCode.INVALID_UPDATE), str(exc)[:120])
+                    return
+        finally:
+            self.peer.y_sessions.discard(self)
+
+    def on_change(self, mailbox: str, change: MailboxChange) -> None:
+        if mailbox != self.mailbox_name or change.origin is self:
+            return
+        for document, update in change.updates:
+            if document == self.document:
+                self.link.send(encode_y_websocket_sync(SyncType.UPDATE, update))
+
+
 class Peer:
     """A replica's mailboxes, kept in step with every peer it is linked to, listening or dialing."""
 
@@ -187,6 +242,7 @@ class Peer:
         self.registry = DeviceRegistry(replica.store)
         self.limits = limits or TransportLimits()
         self.sessions: set[_Session] = set()
+        self.y_sessions: set[_YSession] = set()
         self.dialers: list[Dialer] = []
         self._mailboxes: dict[str, Mailbox] = {}
 
@@ -207,6 +263,8 @@ class Peer:
     def _relay(self, mailbox: str, change: MailboxChange) -> None:
         for session in list(self.sessions):
             session.on_change(mailbox, change)
+        for y_session in list(self.y_sessions):
+            y_session.on_change(mailbox, change)
 
     def missing_bodies(self, mailbox: str) -> list[str]:
         """Body hashes of this mailbox's messages that this peer does not hold (empty unless it fetches bodies)."""
@@ -232,6 +290,17 @@ class Peer:
         """Listen for paired devices (127.0.0.1 unless told otherwise)."""
 
         async def accept(link: Link) -> None:
+            path = urlsplit(link.websocket.request.path if link.websocket.request else "/").path
+            parts = [unquote(part) for part in path.strip("/").split("/")]
+            if len(parts) == 2 and parts != ["", ""]:
+                mailbox, document = parts
+                device: Device | None = link.principal
+                if device is None or not device.may_see(mailbox) or not is_document_name(document):
+                    await link.close(websocket_close_code(CloseCode.UNAUTHORIZED),
+                                     "this device is not paired for that mailbox, or no such document")
+                    return
+                await _YSession(self, link, mailbox, document).run()
+                return
             await _Session(self, link, SyncConnection(Role.SERVER), device=link.principal).run()
 
         return await serve_links(accept, authenticate=self.registry.authenticate, host=host, port=port,
