@@ -209,6 +209,7 @@ class Mailbox:
         self._remote_origin: Any = None
         self._folder_cache: tuple[list[Folder], list[Folder]] | None = None
         self._held: dict[str, list[tuple[bytes, Any]]] = {}
+        self._remote_changed = False
         self._index_doc: Doc[Any] = Doc()
         stored = backend.load_document(INDEX_DOC)
         if stored is not None:
@@ -232,11 +233,14 @@ class Mailbox:
 
     def _watch(self, doc_name: str, doc: Doc[Any]) -> None:
         def on_transaction(event: TransactionEvent) -> None:
+            update = event.update
+            if update == b"\x00\x00":
+                return
             if self._remote_origin is None:
-                update = event.update
-                if update != b"\x00\x00":
-                    self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
-                    self._pending.documents.add(doc_name)
+                self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
+                self._pending.documents.add(doc_name)
+            else:
+                self._remote_changed = True
 
         doc.observe(on_transaction)
 
@@ -817,6 +821,7 @@ class Mailbox:
                                         ("flags", shard.flags), ("expunged", shard.expunged))
             ]
         subscriptions = [(root, root.observe(callback)) for root, callback in watched]
+        self._remote_changed = False
         try:
             with doc.transaction(origin=origin):
                 doc.apply_update(update)
@@ -824,6 +829,10 @@ class Mailbox:
             self._remote_origin = None
             for root, subscription in subscriptions:
                 root.unobserve(subscription)
+        if not self._remote_changed:
+            # Everything in it was here already (a relay brought it twice): nothing to store or pass on, which
+            # also stops an update from circling a loop of peers.
+            return
         self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
         self._pending.documents.add(doc_name)
 

@@ -34,7 +34,7 @@ does not fit the state (sending SYNC before the handshake, for a mailbox not gra
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +81,7 @@ from crdtmail.protocol.frames import (
 )
 
 __all__ = [
+    "RELAY_MEMORY",
     "BlobMissing",
     "BlobReceived",
     "BlobsWanted",
@@ -415,12 +416,17 @@ class SyncConnection:
 
     # ------------------------------------------------------------------------------------------------ I/O
 
-    def receive_data(self, data: bytes) -> None:
-        """Take one whole WebSocket message; never raises for anything the peer sent."""
+    def receive_data(self, data: bytes | str) -> None:
+        """Take one whole WebSocket message; never raises for anything the peer sent.
+
+        Frames are binary: a text message (``str``) is a protocol error like any other malformed frame.
+        """
         if self._state is State.CLOSED:
             return
         self.bytes_received += len(data)
         try:
+            if isinstance(data, str):
+                raise FrameError("a text WebSocket message: crdtmail frames are binary messages")
             frame = decode_frame(data, limits=self.limits)
         except ProtocolError as exc:
             if self._state is not State.CLOSING:
@@ -820,6 +826,10 @@ class ChangeLike(Protocol):
         ...
 
 
+RELAY_MEMORY = 4096
+"""How many update digests each ``MailboxSync`` remembers to keep relayed updates from looping."""
+
+
 def _is_panic(error: BaseException) -> bool:
     # pyo3's PanicException derives from BaseException, so `except Exception` misses a Rust panic in Yrs.
     return type(error).__name__ == "PanicException"
@@ -838,6 +848,11 @@ class MailboxSync:
     4. After sync, ``on_change`` forwards committed local (and relayed) changes as updates, never echoing a
        change back to the connection it came from.
 
+    Relaying makes the same update bytes reach a peer over several paths, and in a mesh with a cycle they
+    would go round it for ever (a Mailbox reports a duplicate it applied as a change like any other). So each
+    MailboxSync remembers digests of the last ``RELAY_MEMORY`` updates that crossed its connection, either way,
+    and never sends or applies the same bytes twice on it.
+
     ``is_synced`` turns True (and ``handle`` returns ``SyncComplete`` once) when the peer's CATALOG was handled
     and every step 1 sent got its step 2.
 
@@ -853,6 +868,7 @@ class MailboxSync:
         self._catalog_received = False
         self._pending: dict[str, int] = {}
         self._complete_reported = False
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
 
     @property
     def started(self) -> bool:
@@ -914,7 +930,9 @@ class MailboxSync:
             return
         with self._guarded():
             for doc, update in updates:
-                if update != EMPTY_UPDATE and self.source.accepts(doc) and self.connection.is_open:
+                if update == EMPTY_UPDATE or not self.source.accepts(doc) or not self.connection.is_open:
+                    continue
+                if self._first_time(doc, update):
                     self.connection.send_update(self.mailbox, doc, update)
 
     # ------------------------------------------------------------------------------------------- internals
@@ -932,6 +950,17 @@ class MailboxSync:
             if not _is_panic(exc):
                 raise
             self.connection.fail(InvalidUpdateError(f"mailbox {self.mailbox!r}: the CRDT library panicked: {exc}"))
+
+    def _first_time(self, doc: str, update: bytes) -> bool:
+        """Record that ``update`` crossed this connection; False if it already had (recently)."""
+        key = hashlib.blake2b(doc.encode("utf-8", "surrogatepass") + b"\x00" + update, digest_size=16).digest()
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return False
+        self._seen[key] = None
+        if len(self._seen) > RELAY_MEMORY:
+            self._seen.popitem(last=False)
+        return True
 
     def _request(self, doc: str) -> None:
         self.connection.send_sync_step1(self.mailbox, doc, self.source.state_vector(doc))
@@ -954,6 +983,7 @@ class MailboxSync:
         # peer's step 1 for an unknown name from creating anything here.
         if self.source.accepts(doc) and self.source.state_vector(doc) != EMPTY_STATE_VECTOR:
             update = self.source.diff(doc, state_vector)
+            self._first_time(doc, update)  # the peer may relay these bytes on; they must not come back here
         self.connection.send_sync_step2(self.mailbox, doc, update)
 
     def _on_update(self, doc: str, update: bytes, *, reply: bool) -> None:
@@ -963,7 +993,7 @@ class MailboxSync:
             self._pending[doc] -= 1
             if not self._pending[doc]:
                 del self._pending[doc]
-        if update == EMPTY_UPDATE or not self.source.accepts(doc):
+        if update == EMPTY_UPDATE or not self.source.accepts(doc) or not self._first_time(doc, update):
             return
         applied = self.source.apply(doc, update, self.connection, state_diff=answered)
         if applied is False and not self._pending.get(doc):

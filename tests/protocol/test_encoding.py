@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pycrdt
 import pytest
 from hypothesis import given
@@ -201,8 +203,8 @@ def test_count_larger_than_the_buffer_can_hold_is_rejected_at_once() -> None:
 # ------------------------------------------------------------------------------------------ state vectors
 
 
-def _doc_with_writes(*keys: str) -> Doc[object]:
-    doc: Doc[object] = Doc()
+def _doc_with_writes(*keys: str) -> Doc[Any]:
+    doc: Doc[Any] = Doc()
     root = doc.get("m", type=Map)
     for key in keys:
         root[key] = key
@@ -211,14 +213,14 @@ def _doc_with_writes(*keys: str) -> Doc[object]:
 
 def test_state_vector_of_real_documents_round_trips() -> None:
     a = _doc_with_writes("x", "y")
-    b: Doc[object] = Doc()
+    b: Doc[Any] = Doc()
     b.apply_update(a.get_update())
     b.get("m", type=Map)["z"] = "z"
     clocks = decode_state_vector(b.get_state())
     assert clocks == {a.client_id: 2, b.client_id: 1}
     assert decode_state_vector(encode_state_vector(clocks)) == clocks
     # pycrdt accepts the re-encoded vector: the diff against it is what b has beyond a.
-    other: Doc[object] = Doc()
+    other: Doc[Any] = Doc()
     other.apply_update(a.get_update())
     other.apply_update(b.get_update(encode_state_vector(decode_state_vector(a.get_state()))))
     assert dict(other.get("m", type=Map)) == {"x": "x", "y": "y", "z": "z"}

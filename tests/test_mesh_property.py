@@ -1,0 +1,196 @@
+"""Property test of the whole sync stack in one process: 3-5 peers, each a Mailbox on the in-memory backend,
+joined by sans-I/O protocol connections over in-memory channels.
+
+Links go up and down at random (a link going down loses every frame in flight); peers make random mail
+changes all along; changes are relayed peer to peer, so the same update reaches a peer several times and in
+different orders over different paths. After every link comes back up and the network goes quiet, every
+replica must be identical and the contract of DESIGN.md must hold.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crdtmail.errors import ExpungedMessageError, ModelError
+from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
+from crdtmail.model.message import parse_message
+from crdtmail.protocol.session import HelloReceived, MailboxSource, MailboxSync, Role, SyncConnection, Welcomed
+from crdtmail.storage.memory import MemoryBackend
+from tests.conftest import make_raw
+
+POOL = [
+    make_raw(f"mesh {n}", message_id=f"<mesh{n}@x>",
+             date=f"{n % 3 + 1:02d} {['Sep', 'Oct', 'Nov'][n % 3]} 2026 10:00:00 +0000")
+    for n in range(8)
+]
+IDS = [parse_message(raw).message_id for raw in POOL]
+FOLDERS = ["INBOX", "Archive", "Trash", "Work"]
+FLAGS = ["\\Seen", "\\Flagged", "$Label"]
+
+
+@dataclass(eq=False)
+class Node:
+    index: int
+    mailbox: Mailbox
+    syncs: list[MailboxSync] = field(default_factory=list)
+
+    def relay(self, change: MailboxChange) -> None:
+        for sync in list(self.syncs):
+            sync.on_change(change)
+
+
+@dataclass(eq=False)
+class Link:
+    """Both ends of one connection and the frames in flight each way."""
+
+    a: Node
+    b: Node
+    client: SyncConnection = field(default_factory=lambda: SyncConnection(Role.CLIENT))
+    server: SyncConnection = field(default_factory=lambda: SyncConnection(Role.SERVER))
+    to_server: list[bytes] = field(default_factory=list)
+    to_client: list[bytes] = field(default_factory=list)
+    client_sync: MailboxSync | None = None
+    server_sync: MailboxSync | None = None
+
+    def open(self) -> None:
+        self.client.send_hello(f"p{self.a.index}", ["m"])
+        self.collect()
+
+    def collect(self) -> None:
+        self.to_server.extend(self.client.data_to_send())
+        self.to_client.extend(self.server.data_to_send())
+
+    def _events(self, connection: SyncConnection, node: Node, server_side: bool) -> None:
+        for event in connection.events_received():
+            if server_side and isinstance(event, HelloReceived):
+                connection.welcome(f"p{node.index}", ["m"])
+                self.server_sync = self._start(connection, node)
+            elif not server_side and isinstance(event, Welcomed):
+                self.client_sync = self._start(connection, node)
+            sync = self.server_sync if server_side else self.client_sync
+            if sync is not None:
+                sync.handle(event)
+
+    def _start(self, connection: SyncConnection, node: Node) -> MailboxSync:
+        sync = MailboxSync(connection, "m", MailboxSource(node.mailbox, accepts=is_document_name))
+        node.syncs.append(sync)
+        sync.start()
+        return sync
+
+    def deliver(self, count: int) -> int:
+        """Move up to ``count`` frames each way, in order; returns how many moved."""
+        moved = 0
+        for _ in range(count):
+            if self.to_server:
+                self.server.receive_data(self.to_server.pop(0))
+                self._events(self.server, self.b, True)
+                moved += 1
+            if self.to_client:
+                self.client.receive_data(self.to_client.pop(0))
+                self._events(self.client, self.a, False)
+                moved += 1
+            self.collect()
+        return moved
+
+    def cut(self) -> None:
+        for node, sync in ((self.a, self.client_sync), (self.b, self.server_sync)):
+            if sync is not None and sync in node.syncs:
+                node.syncs.remove(sync)
+        self.to_server.clear()
+        self.to_client.clear()
+
+
+def run(peers: int, ops: list[tuple[str, int, int, int]], seed: int) -> None:
+    rng = random.Random(seed)
+    nodes = [Node(i, Mailbox("m", MemoryBackend())) for i in range(peers)]
+    for node in nodes:
+        node.mailbox.observe(node.relay)
+    links: dict[tuple[int, int], Link] = {}
+    last_expunge: dict[str, int] = {}
+    last_redeliver: dict[str, int] = {}
+    ever_added: set[str] = set()
+
+    def flush_all() -> None:
+        for link in links.values():
+            link.collect()
+
+    for step, (name, i, j, k) in enumerate(ops):
+        box = nodes[i].mailbox
+        mid = IDS[j % len(IDS)]
+        try:
+            if name == "add":
+                if box.add(POOL[j % len(POOL)], folder=FOLDERS[k % 3]).added:
+                    ever_added.add(mid)
+            elif name == "redeliver":
+                if box.add(POOL[j % len(POOL)], redeliver=True).added:
+                    ever_added.add(mid)
+                    last_redeliver[mid] = step
+            elif name == "move":
+                box.move(mid, FOLDERS[k % len(FOLDERS)])
+            elif name == "flag":
+                box.set_flags(mid, add=[FLAGS[k % 3]]) if k % 2 else box.set_flags(mid, remove=[FLAGS[k % 3]])
+            elif name == "expunge":
+                box.expunge(mid)
+                last_expunge[mid] = step
+            elif name == "mkdir":
+                box.create_folder("Work")
+        except (ModelError, ExpungedMessageError):
+            pass
+        pair = (min(i, j % peers), max(i, j % peers))
+        if name == "up" and pair[0] != pair[1] and pair not in links:
+            links[pair] = Link(nodes[pair[0]], nodes[pair[1]])
+            links[pair].open()
+        elif name == "down" and pair in links:
+            links.pop(pair).cut()
+        elif name == "pump" and pair in links:
+            links[pair].deliver(k)
+        flush_all()
+
+    # Heal: a chain through every peer plus whatever is up, then pump until nothing moves.
+    for a, b in zip(range(peers), range(1, peers), strict=False):
+        if (a, b) not in links:
+            links[(a, b)] = Link(nodes[a], nodes[b])
+            links[(a, b)].open()
+    for _ in range(10_000):
+        flush_all()
+        order = list(links.values())
+        rng.shuffle(order)
+        if not sum(link.deliver(rng.randint(1, 5)) for link in order):
+            break
+    else:
+        raise AssertionError("the network never went quiet")
+
+    def snapshot(box: Mailbox) -> tuple[object, ...]:
+        folders = sorted((f.id, f.path, f.role) for f in box.folders())
+        messages = sorted((m.id, m.folder_id, tuple(sorted(m.flags))) for m in box.all_messages())
+        return folders, messages, sorted(box.expunged_ids())
+
+    first = snapshot(nodes[0].mailbox)
+    for node in nodes[1:]:
+        assert snapshot(node.mailbox) == first, f"peer {node.index} differs from peer 0"
+    for node in nodes:
+        assert node.mailbox.held_updates() == 0
+        visible = {m.id for m in node.mailbox.all_messages()}
+        for mid in visible:
+            if mid in last_expunge:
+                assert last_redeliver.get(mid, -1) > last_expunge[mid], "an expunged message came back"
+        assert ever_added - set(last_expunge) <= visible, "a message that was never expunged is missing"
+
+
+operation = st.tuples(
+    st.sampled_from(["add", "add", "redeliver", "move", "flag", "flag", "expunge", "mkdir", "up", "up", "down",
+                     "pump", "pump", "pump"]),
+    st.integers(0, 4),
+    st.integers(0, 7),
+    st.integers(0, 12),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(peers=st.integers(3, 5), ops=st.lists(operation, min_size=1, max_size=70), seed=st.integers(0, 2**16))
+def test_mesh_converges_and_keeps_the_contract(peers: int, ops: list[tuple[str, int, int, int]], seed: int) -> None:
+    run(peers, [(name, i % peers, j, k) for name, i, j, k in ops], seed)
