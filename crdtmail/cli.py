@@ -529,7 +529,7 @@ async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
 
     def synced(url: str, mailboxes: Sequence[str]) -> dict[str, Any] | None:
         for session in peer.sessions:
-            if session.link.name == url and set(mailboxes) <= session.synced:
+            if session.link.name == url and set(mailboxes) <= session.synced and not session.connection.wanted_blobs:
                 return {"bytes_sent": session.connection.bytes_sent,
                         "bytes_received": session.connection.bytes_received}
         return None

@@ -89,3 +89,42 @@ def test_sync_with_a_wrong_token_says_so(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=20)
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_killed_mid_sync_restarts_and_converges(tmp_path: Path) -> None:
+    import random
+    import time
+
+    from crdtmail.replica import Replica
+
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    write_maildir(tmp_path / "Maildir", generate_messages(2500, seed=11))
+    crdtmail(desktop, "init")
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
+    crdtmail(phone, "init")
+    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rng = random.Random()
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split()[2]
+        crdtmail(phone, "connect", url, "--token", token)
+        for _ in range(4):
+            child = subprocess.Popen([*CLI, "--data-dir", str(phone), "sync", "--timeout", "60"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.3, 1.5))
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=10)
+            with Replica.open(phone) as replica:  # whatever it had committed is intact
+                assert replica.store.integrity_check() == "ok"
+        crdtmail(phone, "sync", "--timeout", "120")
+        assert as_json(phone, "ls", "--limit", "5000") == as_json(desktop, "ls", "--limit", "5000")
+        assert as_json(phone, "folders") == as_json(desktop, "folders")
+        newest = as_json(phone, "ls", "--limit", "3")["messages"]
+        for message in newest:
+            assert as_json(phone, "show", message["id"])["body_available"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=20)
