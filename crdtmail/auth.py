@@ -53,6 +53,8 @@ class DeviceRegistry:
             if not valid_mailbox_name(mailbox):
                 raise ConfigError(f"invalid mailbox name {mailbox!r}")
         token = secrets.token_urlsafe(TOKEN_BYTES)
+        while token.startswith("-"):  # a leading "-" would read as an option on a command line
+            token = secrets.token_urlsafe(TOKEN_BYTES)
         self._store.add_device(name, _hash(token), sorted(set(mailboxes)), int(time.time()))
         return token
 

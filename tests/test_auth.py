@@ -30,6 +30,12 @@ def test_pair_authenticate_and_unpair(tmp_path: Path) -> None:
         assert registry.authenticate(new_token) is None
 
 
+def test_tokens_never_look_like_options(tmp_path: Path) -> None:
+    with SqliteStore.open(tmp_path / "db.sqlite3") as store:
+        registry = DeviceRegistry(store)
+        assert not any(registry.pair(f"d{n}", ["m"]).startswith("-") for n in range(300))
+
+
 def test_bad_pairing_requests(tmp_path: Path) -> None:
     with SqliteStore.open(tmp_path / "db.sqlite3") as store:
         registry = DeviceRegistry(store)
