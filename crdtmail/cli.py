@@ -457,14 +457,16 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
     peer = Peer(replica)
+    tls = replica.config.server_tls()
     try:
-        server = await peer.serve(host, port)
+        server = await peer.serve(host, port, ssl=tls)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
     bound = server.sockets[0].getsockname()
-    out.write(f"listening on ws://{bound[0]}:{bound[1]}/sync (peer {peer.peer_id}); Ctrl-C stops\n")
+    scheme = "wss" if tls else "ws"
+    out.write(f"listening on {scheme}://{bound[0]}:{bound[1]}/sync (peer {peer.peer_id}); Ctrl-C stops\n")
     out.flush()
-    tasks = [asyncio.create_task(peer.dial(remote.url, remote.token, remote.mailboxes).run())
+    tasks = [asyncio.create_task(peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls()).run())
              for remote in replica.config.peers]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -492,7 +494,7 @@ async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
 def cmd_connect(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as replica:
         mailboxes = tuple(args.mailboxes or [args.mailbox or replica.config.default_mailbox])
-        remote = RemotePeer(args.url, args.token, mailboxes)
+        remote = RemotePeer(args.url, args.token, mailboxes, Path(args.ca).expanduser() if args.ca else None)
         RemotePeer.from_toml({"url": remote.url, "token": remote.token, "mailboxes": list(mailboxes)},
                              replica.config.path)
         replica.config.add_peer(remote)
@@ -522,7 +524,7 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
     peer = Peer(replica)
-    dialers = [(remote, peer.dial(remote.url, remote.token, remote.mailboxes, max_delay=2.0))
+    dialers = [(remote, peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(), max_delay=2.0))
                for remote in replica.config.peers]
     tasks = [asyncio.create_task(dialer.run()) for _, dialer in dialers]
     deadline = time.monotonic() + timeout
@@ -688,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="ws://host:port/sync or wss://...")
     p.add_argument("--token", required=True, help="the token `crdtmail pair` printed on that peer")
     p.add_argument("--for", dest="mailboxes", action="append", metavar="MAILBOX", help="mailbox to sync (repeatable)")
+    p.add_argument("--ca", default=None, help="a CA or self-signed certificate (PEM) to trust for a wss:// URL")
     p = add("sync", cmd_sync, "sync once with every configured peer, then exit")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every peer")
     add("peers", cmd_peers, "configured peers, and what a running `crdtmail serve` is connected to")

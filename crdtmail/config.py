@@ -17,6 +17,7 @@ and ignored so an older crdtmail can read a newer file.
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ synchronous = "NORMAL"
 # Where `crdtmail serve` accepts paired devices. 127.0.0.1 keeps it on this machine.
 host = "127.0.0.1"
 port = 7878
+# wss:// instead of ws://: a certificate and its key (PEM).
+# tls_cert = "cert.pem"
+# tls_key = "key.pem"
 
 # Peers to dial are added by `crdtmail connect URL --token T`, as [[peers]] tables at the end of this file.
 """
@@ -76,6 +80,8 @@ class Config:
     synchronous: str = "NORMAL"
     listen_host: str = DEFAULT_HOST
     listen_port: int = DEFAULT_PORT
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     peers: tuple[RemotePeer, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -105,11 +111,28 @@ class Config:
             raise ConfigError(f"{path}: [listen] host must be a host name or address")
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"{path}: [listen] port must be a number from 0 to 65535")
+        tls = {key: listen.get(key) for key in ("tls_cert", "tls_key")}
+        if any(value is not None and not isinstance(value, str) for value in tls.values()) or (
+            (tls["tls_cert"] is None) != (tls["tls_key"] is None)
+        ):
+            raise ConfigError(f"{path}: [listen] tls_cert and tls_key must both be file paths, or both absent")
         peers = raw.get("peers", [])
         if not isinstance(peers, list):
             raise ConfigError(f"{path}: peers must be [[peers]] tables")
         return cls(path=path, default_mailbox=default_mailbox, synchronous=synchronous.upper(), listen_host=host,
-                   listen_port=port, peers=tuple(RemotePeer.from_toml(entry, path) for entry in peers), raw=raw)
+                   listen_port=port, peers=tuple(RemotePeer.from_toml(entry, path) for entry in peers), raw=raw,
+                   tls_cert=_path(tls["tls_cert"], path), tls_key=_path(tls["tls_key"], path))
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for ``serve`` (wss://), when [listen] names a certificate and key."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate {self.tls_cert} and key {self.tls_key}: {exc}") from exc
+        return context
 
     def add_peer(self, peer: RemotePeer) -> None:
         """Append a peer to dial to the config file (kept readable by its owner only: it holds a token)."""
@@ -120,6 +143,8 @@ class Config:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(f"\n[[peers]]\nurl = {_toml_string(peer.url)}\ntoken = {_toml_string(peer.token)}\n"
                          f"mailboxes = [{mailboxes}]\n")
+            if peer.ca is not None:
+                handle.write(f"ca = {_toml_string(str(peer.ca.resolve()))}\n")
         self.path.chmod(0o600)
 
     @staticmethod
@@ -138,6 +163,16 @@ class RemotePeer:
     url: str
     token: str
     mailboxes: tuple[str, ...]
+    ca: Path | None = None  # a CA file to trust for wss:// (a peer's self-signed certificate)
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        """The TLS context to dial a wss:// URL with; None for ws://."""
+        if not self.url.startswith("wss://"):
+            return None
+        try:
+            return ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the CA file {self.ca} for {self.url}: {exc}") from exc
 
     @classmethod
     def from_toml(cls, entry: Any, path: Path) -> RemotePeer:
@@ -151,7 +186,18 @@ class RemotePeer:
             raise ConfigError(f"{path}: the [[peers]] entry for {url} needs its device token")
         if not isinstance(mailboxes, list) or not all(isinstance(m, str) and valid_mailbox_name(m) for m in mailboxes):
             raise ConfigError(f"{path}: mailboxes of {url} must be a list of mailbox names")
-        return cls(url, token, tuple(mailboxes))
+        ca = entry.get("ca")
+        if ca is not None and not isinstance(ca, str):
+            raise ConfigError(f"{path}: ca of {url} must be a file path")
+        return cls(url, token, tuple(mailboxes), _path(ca, path))
+
+
+def _path(value: str | None, config_path: Path) -> Path | None:
+    """A path from the config file; a relative one is taken from the config file's directory."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else config_path.parent / path
 
 
 def _toml_string(value: str) -> str:

@@ -128,3 +128,41 @@ def test_a_peer_killed_mid_sync_restarts_and_converges(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=20)
+
+
+@pytest.mark.timeout(120)
+def test_sync_over_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    crdtmail(desktop, "init")
+    text = (desktop / "config.toml").read_text().replace(
+        'port = 7878\n', f'port = 7878\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    (desktop / "config.toml").write_text(text)
+    write_maildir(tmp_path / "Maildir", generate_messages(10, seed=2))
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone")["token"]
+    crdtmail(phone, "init")
+    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("listening on wss://127.0.0.1:"), line
+        url = line.split()[2]
+        crdtmail(phone, "connect", url, f"--token={token}", "--ca", str(cert))
+        crdtmail(phone, "sync", "--timeout", "30")
+        assert as_json(phone, "ls")["total"] == as_json(desktop, "ls")["total"] > 0
+        untrusted = tmp_path / "untrusting"
+        crdtmail(untrusted, "init")
+        crdtmail(untrusted, "connect", url, f"--token={token}")  # no --ca: the certificate is not trusted
+        result = crdtmail(untrusted, "sync", "--timeout", "3", check=False)
+        assert result.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in result.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=20)
