@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,20 @@ def as_json(data_dir: Path, *args: str) -> Any:
     return orjson.loads(crdtmail(data_dir, *args, "--json").stdout)
 
 
+@contextlib.contextmanager
+def serving(data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run `crdtmail serve --port 0` for ``data_dir``; yields its first line and the process, then SIGTERMs it."""
+    server = subprocess.Popen([*CLI, "--data-dir", str(data_dir), "serve", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        yield server.stdout.readline(), server
+    finally:
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+            server.communicate(timeout=20)
+
+
 @pytest.mark.timeout(120)
 def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
     desktop, phone = tmp_path / "desktop", tmp_path / "phone"
@@ -37,12 +52,8 @@ def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
     token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
     crdtmail(phone, "init")
 
-    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert line.startswith("listening on ws://127.0.0.1:"), line + (server.stderr.read() if server.stderr else "")
+    with serving(desktop) as (line, server):
+        assert line.startswith("listening on ws://127.0.0.1:"), line
         url = line.split()[2]
         assert token not in line
 
@@ -63,7 +74,6 @@ def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
 
         peers = as_json(desktop, "peers")
         assert peers["running"] is not None
-    finally:
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=20)
     assert server.returncode == 0, err
@@ -76,20 +86,12 @@ def test_sync_with_a_wrong_token_says_so(tmp_path: Path) -> None:
     desktop, phone = tmp_path / "desktop", tmp_path / "phone"
     crdtmail(desktop, "init")
     crdtmail(phone, "init")
-    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
-    try:
-        assert server.stdout is not None
-        url = server.stdout.readline().split()[2]
-        crdtmail(phone, "connect", url, "--token", "not-a-token")
+    with serving(desktop) as (line, _):
+        crdtmail(phone, "connect", line.split()[2], "--token", "not-a-token")
         result = crdtmail(phone, "sync", "--timeout", "3", check=False)
         assert result.returncode == 1
         assert "refused our device token (HTTP 401)" in result.stdout
         assert "not-a-token" not in result.stdout + result.stderr
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=20)
-
 
 @pytest.mark.timeout(180)
 def test_a_peer_killed_mid_sync_restarts_and_converges(tmp_path: Path) -> None:
@@ -104,13 +106,9 @@ def test_a_peer_killed_mid_sync_restarts_and_converges(tmp_path: Path) -> None:
     crdtmail(desktop, "import", str(tmp_path / "Maildir"))
     token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
     crdtmail(phone, "init")
-    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random()
-    try:
-        assert server.stdout is not None
-        url = server.stdout.readline().split()[2]
-        crdtmail(phone, "connect", url, "--token", token)
+    with serving(desktop) as (line, _):
+        crdtmail(phone, "connect", line.split()[2], f"--token={token}")
         for _ in range(4):
             child = subprocess.Popen([*CLI, "--data-dir", str(phone), "sync", "--timeout", "60"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,10 +123,6 @@ def test_a_peer_killed_mid_sync_restarts_and_converges(tmp_path: Path) -> None:
         newest = as_json(phone, "ls", "--limit", "3")["messages"]
         for message in newest:
             assert as_json(phone, "show", message["id"])["body_available"]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=20)
-
 
 @pytest.mark.timeout(120)
 def test_sync_over_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
@@ -148,11 +142,7 @@ def test_sync_over_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
     crdtmail(desktop, "import", str(tmp_path / "Maildir"))
     token = as_json(desktop, "pair", "phone")["token"]
     crdtmail(phone, "init")
-    server = subprocess.Popen([*CLI, "--data-dir", str(desktop), "serve", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
+    with serving(desktop) as (line, _):
         assert line.startswith("listening on wss://127.0.0.1:"), line
         url = line.split()[2]
         crdtmail(phone, "connect", url, f"--token={token}", "--ca", str(cert))
@@ -163,6 +153,3 @@ def test_sync_over_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
         crdtmail(untrusted, "connect", url, f"--token={token}")  # no --ca: the certificate is not trusted
         result = crdtmail(untrusted, "sync", "--timeout", "3", check=False)
         assert result.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in result.stdout
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=20)
