@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import import_bench
+from bench import import_bench, sync_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="scenario")
     p = sub.add_parser("import", help="import a generated Maildir; open, list and count cold")
     import_bench.add_arguments(p)
+    p = sub.add_parser("sync", help="one-hop latency of a flag change between two peer processes, beside the floor")
+    sync_bench.add_arguments(p)
     args = parser.parse_args(argv)
+    if args.scenario == "sync":
+        return sync_bench.run(args)
     if args.scenario in (None, "import"):
         if args.scenario is None:
             args = parser.parse_args(["import", *(argv or sys.argv[1:])])

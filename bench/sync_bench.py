@@ -1,0 +1,224 @@
+"""One-hop sync latency: a flag change on one peer until it is applied (and committed) on another.
+
+Two processes on 127.0.0.1. The sender makes a change every ``--interval`` ms and notes the monotonic clock
+just before; the receiver notes it when the change is committed on its side (CLOCK_MONOTONIC is one clock for
+every process on Linux). Beside it, the floor: raw websockets messages between two processes, measured the
+same way, so the figures can be read against what one hop costs in Python on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import WORK_DIR, machine, write_results
+
+ROLE_ENV = "CRDTMAIL_BENCH_ROLE"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the sync latency benchmark."""
+    parser.add_argument("--changes", type=int, default=2000, help="measured changes (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=500, help="changes made first and not measured")
+    parser.add_argument("--interval", type=float, default=1.0, help="milliseconds between changes")
+    parser.add_argument("--quick", action="store_true", help="200 changes, for checking the suite works")
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _summary(latencies_ms: list[float]) -> dict[str, float]:
+    return {
+        "samples": len(latencies_ms),
+        "p50_ms": _percentile(latencies_ms, 0.50),
+        "p99_ms": _percentile(latencies_ms, 0.99),
+        "max_ms": max(latencies_ms),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ children
+
+
+async def _floor_receiver(count: int, out: Path) -> None:
+    from websockets.asyncio.server import serve
+
+    times: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(websocket: Any) -> None:
+        async for _ in websocket:
+            times.append(time.monotonic_ns())
+            if len(times) == count:
+                done.set()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await done.wait()
+    out.write_text(json.dumps(times))
+
+
+async def _floor_sender(port: int, count: int, interval: float, out: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    times: list[int] = []
+    async with connect(f"ws://127.0.0.1:{port}", compression=None) as websocket:
+        for n in range(count):
+            times.append(time.monotonic_ns())
+            await websocket.send(n.to_bytes(20, "big"))  # about the size of a flag update
+            await asyncio.sleep(interval)
+        await asyncio.sleep(0.5)
+    out.write_text(json.dumps(times))
+
+
+async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -> None:
+    from crdtmail.peer import Peer
+    from crdtmail.replica import Replica
+
+    replica = Replica.open(data_dir)
+    peer = Peer(replica, fetch_bodies=False)
+    box = peer.mailbox("default")
+    server = await peer.serve()
+    print(server.sockets[0].getsockname()[1], flush=True)
+    target = next(iter(box.all_messages())).id
+    while not peer.sessions or not all("default" in s.synced for s in peer.sessions):
+        await asyncio.sleep(0.01)
+    times: list[int] = []
+    for n in range(count):
+        times.append(time.monotonic_ns())
+        if n % 2:
+            box.set_flags(target, remove=["flagged"])
+        else:
+            box.set_flags(target, add=["flagged"])
+        await asyncio.sleep(interval)
+    await asyncio.sleep(1.0)
+    out.write_text(json.dumps(times))
+    server.close()
+
+
+async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out: Path) -> None:
+    from crdtmail.peer import Peer
+    from crdtmail.replica import Replica
+
+    replica = Replica.open(data_dir)
+    peer = Peer(replica, fetch_bodies=False)
+    box = peer.mailbox("default")
+    times: list[int] = []
+    done = asyncio.Event()
+
+    def on_change(change: Any) -> None:
+        if not change.is_local and change.changed:
+            times.append(time.monotonic_ns())
+            if len(times) == count:
+                done.set()
+
+    box.observe(on_change)
+    dialer = peer.dial(f"ws://127.0.0.1:{port}/sync", token, ["default"])
+    task = asyncio.create_task(dialer.run())
+    await asyncio.wait_for(done.wait(), timeout=max(60.0, count * 0.01))
+    dialer.stop()
+    for session in list(peer.sessions):
+        await session.link.close()
+    await task
+    out.write_text(json.dumps(times))
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry point of the benchmark's child processes (chosen by $CRDTMAIL_BENCH_ROLE)."""
+    role = os.environ[ROLE_ENV]
+    if role == "floor-receiver":
+        asyncio.run(_floor_receiver(int(argv[0]), Path(argv[1])))
+    elif role == "floor-sender":
+        asyncio.run(_floor_sender(int(argv[0]), int(argv[1]), float(argv[2]), Path(argv[3])))
+    elif role == "peer-sender":
+        asyncio.run(_peer_sender(Path(argv[0]), int(argv[1]), float(argv[2]), Path(argv[3])))
+    elif role == "peer-receiver":
+        asyncio.run(_peer_receiver(Path(argv[0]), int(argv[1]), argv[2], int(argv[3]), Path(argv[4])))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ harness
+
+
+def _spawn(role: str, *args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.sync_bench", *map(str, args)],
+        env={**os.environ, ROLE_ENV: role}, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def _pair_latencies(sent: Path, received: Path, skip: int) -> list[float]:
+    sent_times = json.loads(sent.read_text())
+    received_times = json.loads(received.read_text())
+    pairs = list(zip(sent_times, received_times, strict=True))[skip:]
+    return [(r - s) / 1e6 for s, r in pairs]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure the floor and one-hop convergence; write the result file."""
+    changes = 200 if args.quick else args.changes
+    warmup = 50 if args.quick else args.warmup
+    total = changes + warmup
+    interval = args.interval / 1000
+    work = WORK_DIR / "sync"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    receiver = _spawn("floor-receiver", total, work / "floor-recv.json")
+    assert receiver.stdout is not None
+    port = int(receiver.stdout.readline())
+    sender = _spawn("floor-sender", port, total, interval, work / "floor-sent.json")
+    sender.wait(timeout=600)
+    receiver.wait(timeout=60)
+    floor = _summary(_pair_latencies(work / "floor-sent.json", work / "floor-recv.json", warmup))
+
+    from crdtmail.replica import Replica
+    from crdtmail.sample import generate_messages, write_maildir
+
+    write_maildir(work / "Maildir", generate_messages(200, seed=1))
+    with Replica.init(work / "a") as a:
+        a.import_path(work / "Maildir")
+        from crdtmail.auth import DeviceRegistry
+
+        token = DeviceRegistry(a.store).pair("b", ["default"])
+    Replica.init(work / "b").close()
+    sender = _spawn("peer-sender", work / "a", total, interval, work / "peer-sent.json")
+    assert sender.stdout is not None
+    port = int(sender.stdout.readline())
+    receiver = _spawn("peer-receiver", work / "b", port, token, total, work / "peer-recv.json")
+    receiver.wait(timeout=600)
+    sender.wait(timeout=60)
+    one_hop = _summary(_pair_latencies(work / "peer-sent.json", work / "peer-recv.json", warmup))
+
+    results = {
+        "scenario": "sync-latency",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "interval_ms": args.interval,
+        "warmup": warmup,
+        "floor_raw_websockets": floor,
+        "one_hop_flag_change": one_hop,
+        "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5},
+        "note": "one hop = set_flags committed on A until the update is applied and committed on B",
+    }
+    path = write_results("sync", results)
+    print(
+        f"floor (raw websockets, one way): p50 {floor['p50_ms']:.3f} ms, p99 {floor['p99_ms']:.3f} ms; "
+        f"one-hop flag change: p50 {one_hop['p50_ms']:.3f} ms, p99 {one_hop['p99_ms']:.3f} ms, "
+        f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples)\nwrote {path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
