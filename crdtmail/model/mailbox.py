@@ -210,6 +210,7 @@ class Mailbox:
         self._folder_cache: tuple[list[Folder], list[Folder]] | None = None
         self._held: dict[str, list[tuple[bytes, Any]]] = {}
         self._remote_changed = False
+        self._watched: set[str] = set()  # documents whose maps are observed (see _watch_roots)
         self._index_doc: Doc[Any] = Doc()
         stored = backend.load_document(INDEX_DOC)
         if stored is not None:
@@ -267,6 +268,8 @@ class Mailbox:
         kind.add(message_id)
 
     def _on_shard_event(self, shard: _Shard, root: str, event: MapEvent) -> None:
+        if self._remote_origin is None:
+            return  # a local operation, which records its own changes
         pending = self._pending
         touched = pending.touched.setdefault(shard.name, set())
         pending.documents.add(shard.name)
@@ -302,6 +305,8 @@ class Mailbox:
 
     def _on_folders_event(self, _event: MapEvent) -> None:
         self._folder_cache = None
+        if self._remote_origin is None:
+            return
         self._pending.folders_changed = True
         self._pending.documents.add(INDEX_DOC)
 
@@ -428,6 +433,7 @@ class Mailbox:
         """Unload a shard loaded only for a rebuild, to keep memory small."""
         if self._batch_depth == 0 and name in self._shards:
             del self._shards[name]
+            self._watched.discard(name)
 
     # --------------------------------------------------------------------------------------------- folders
 
@@ -809,32 +815,36 @@ class Mailbox:
     def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any) -> None:
         self._pending.origins.append(origin)
         self._remote_origin = origin
-        # Map observers cost a lot per local change, so they are attached only while a remote update applies:
-        # it is the one case where what changed is not known in advance.
-        if doc_name == INDEX_DOC:
-            watched: list[tuple[Map[Any], Any]] = [(self._folders, self._on_folders_event)]
-        else:
-            shard = self._shards[doc_name]
-            watched = [
-                (root, functools.partial(self._on_shard_event, shard, root_name))
-                for root_name, root in (("messages", shard.messages), ("placement", shard.placement),
-                                        ("flags", shard.flags), ("expunged", shard.expunged))
-            ]
-        subscriptions = [(root, root.observe(callback)) for root, callback in watched]
+        self._watch_roots(doc_name)
         self._remote_changed = False
         try:
             with doc.transaction(origin=origin):
                 doc.apply_update(update)
         finally:
             self._remote_origin = None
-            for root, subscription in subscriptions:
-                root.unobserve(subscription)
         if not self._remote_changed:
             # Everything in it was here already (a relay brought it twice): nothing to store or pass on, which
             # also stops an update from circling a loop of peers.
             return
         self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
         self._pending.documents.add(doc_name)
+
+    def _watch_roots(self, doc_name: str) -> None:
+        """Observe a document's maps, from its first remote update on: only remote changes need telling apart.
+
+        Local operations record what they change themselves, so a replica that only imports never pays for map
+        events; subscribing is expensive too (pycrdt inspects each callback), hence once per loaded document.
+        """
+        if doc_name in self._watched:
+            return
+        self._watched.add(doc_name)
+        if doc_name == INDEX_DOC:
+            self._folders.observe(self._on_folders_event)
+            return
+        shard = self._shards[doc_name]
+        for root_name, root in (("messages", shard.messages), ("placement", shard.placement),
+                                ("flags", shard.flags), ("expunged", shard.expunged)):
+            root.observe(functools.partial(self._on_shard_event, shard, root_name))
 
     def held_updates(self) -> int:
         """Remote updates waiting for their dependencies."""
@@ -848,6 +858,7 @@ class Mailbox:
         """Drop a loaded shard from memory (it reloads from the backend when next needed)."""
         if self._batch_depth == 0:
             self._shards.pop(shard_name, None)
+            self._watched.discard(shard_name)
 
     # ---------------------------------------------------------------------------------- full-state reads
 
