@@ -85,7 +85,7 @@ async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -
     from crdtmail.replica import Replica
 
     replica = Replica.open(data_dir)
-    peer = Peer(replica, fetch_bodies=False)
+    peer = Peer(replica, bodies=False)
     box = peer.mailbox("default")
     server = await peer.serve()
     print(server.sockets[0].getsockname()[1], flush=True)
@@ -110,7 +110,7 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
     from crdtmail.replica import Replica
 
     replica = Replica.open(data_dir)
-    peer = Peer(replica, fetch_bodies=False)
+    peer = Peer(replica, bodies=False)
     box = peer.mailbox("default")
     times: list[int] = []
     done = asyncio.Event()

@@ -26,12 +26,12 @@ import orjson
 
 from crdtmail import __version__
 from crdtmail.auth import DeviceRegistry
-from crdtmail.config import RemotePeer, resolve_data_dir
+from crdtmail.config import Config, RemotePeer, resolve_data_dir
 from crdtmail.errors import ConfigError, CrdtmailError, ModelError
 from crdtmail.model.backend import IndexRow
 from crdtmail.model.flags import LETTER_FOR_FLAG
 from crdtmail.model.mailbox import Folder, Mailbox, MessageView
-from crdtmail.peer import Peer
+from crdtmail.peer import BodyPolicy, Peer
 from crdtmail.replica import ImportReport, Replica
 
 log = logging.getLogger("crdtmail")
@@ -455,8 +455,13 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
                                   config.listen_port if args.port is None else args.port, out))
 
 
+def _body_policy(config: Config) -> BodyPolicy:
+    return BodyPolicy(fetch=config.fetch_bodies, newer_than_days=config.bodies_newer_than_days,
+                      max_bytes=config.bodies_max_bytes)
+
+
 async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
-    peer = Peer(replica)
+    peer = Peer(replica, bodies=_body_policy(replica.config))
     tls = replica.config.server_tls()
     try:
         server = await peer.serve(host, port, ssl=tls)
@@ -523,7 +528,7 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
-    peer = Peer(replica)
+    peer = Peer(replica, bodies=_body_policy(replica.config))
     dialers = [(remote, peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(), max_delay=2.0))
                for remote in replica.config.peers]
     tasks = [asyncio.create_task(dialer.run()) for _, dialer in dialers]

@@ -52,6 +52,12 @@ port = 7878
 # tls_cert = "cert.pem"
 # tls_key = "key.pem"
 
+[bodies]
+# Which message bodies to fetch from peers ahead of time. A desktop fetches all; a phone may keep to recent,
+# small mail (the rest stays on the peers that have it):
+# newer_than_days = 90
+# max_bytes = 1000000
+
 # Peers to dial are added by `crdtmail connect URL --token T`, as [[peers]] tables at the end of this file.
 """
 
@@ -82,6 +88,9 @@ class Config:
     listen_port: int = DEFAULT_PORT
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    fetch_bodies: bool = True
+    bodies_newer_than_days: float | None = None
+    bodies_max_bytes: int | None = None
     peers: tuple[RemotePeer, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -116,12 +125,23 @@ class Config:
             (tls["tls_cert"] is None) != (tls["tls_key"] is None)
         ):
             raise ConfigError(f"{path}: [listen] tls_cert and tls_key must both be file paths, or both absent")
+        bodies = _section(raw, "bodies", path)
+        fetch = bodies.get("fetch", True)
+        days = bodies.get("newer_than_days")
+        max_bytes = bodies.get("max_bytes")
+        if not isinstance(fetch, bool):
+            raise ConfigError(f"{path}: [bodies] fetch must be true or false")
+        if days is not None and (not isinstance(days, int | float) or days <= 0):
+            raise ConfigError(f"{path}: [bodies] newer_than_days must be a positive number of days")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+            raise ConfigError(f"{path}: [bodies] max_bytes must be a positive number of bytes")
         peers = raw.get("peers", [])
         if not isinstance(peers, list):
             raise ConfigError(f"{path}: peers must be [[peers]] tables")
         return cls(path=path, default_mailbox=default_mailbox, synchronous=synchronous.upper(), listen_host=host,
                    listen_port=port, peers=tuple(RemotePeer.from_toml(entry, path) for entry in peers), raw=raw,
-                   tls_cert=_path(tls["tls_cert"], path), tls_key=_path(tls["tls_key"], path))
+                   tls_cert=_path(tls["tls_cert"], path), tls_key=_path(tls["tls_key"], path),
+                   fetch_bodies=fetch, bodies_newer_than_days=days, bodies_max_bytes=max_bytes)
 
     def server_tls(self) -> ssl.SSLContext | None:
         """The TLS context for ``serve`` (wss://), when [listen] names a certificate and key."""

@@ -26,6 +26,7 @@ from crdtmail.auth import Device, DeviceRegistry
 from crdtmail.errors import ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
+from crdtmail.model.message import Envelope
 from crdtmail.protocol.frames import (
     CloseCode,
     SyncType,
@@ -51,6 +52,32 @@ from crdtmail.replica import Replica
 from crdtmail.transport import Dialer, Link, TransportLimits, serve_links
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BodyPolicy:
+    """Which message bodies a peer fetches from the peers it syncs with (a desktop: all of them).
+
+    A phone keeps to recent, small mail: ``newer_than_days`` and ``max_bytes`` bound what is fetched ahead of
+    time; the rest stays on the peers that have it. ``now`` fixes the clock for tests.
+    """
+
+    fetch: bool = True
+    newer_than_days: float | None = None
+    max_bytes: int | None = None
+    now: float | None = None
+
+    def wants(self, envelope: Envelope) -> bool:
+        """Whether a message's body should be fetched ahead of time."""
+        if not self.fetch or not envelope.body_sha256:
+            return False
+        if self.max_bytes is not None and envelope.size > self.max_bytes:
+            return False
+        if self.newer_than_days is not None:
+            now = time.time() if self.now is None else self.now
+            if envelope.date is None or envelope.date < now - self.newer_than_days * 86400:
+                return False
+        return True
 
 
 @dataclass
@@ -157,13 +184,12 @@ class _Session:
         sync = self.syncs.get(mailbox)
         if sync is not None:
             sync.on_change(change)
-            if change.origin is self.connection and change.added and self.peer.fetch_bodies:
+            if change.origin is self.connection and change.added and self.peer.bodies.fetch:
                 # The peer that sent the new messages has their bodies.
                 box = self.peer.mailbox(mailbox)
-                self.want_bodies(
-                    box.message(message_id).envelope.body_sha256 for message_id in change.added
-                    if not self.peer.has_blob(box.message(message_id).envelope.body_sha256)
-                )
+                envelopes = [box.message(message_id).envelope for message_id in change.added]
+                wanted = [e.body_sha256 for e in envelopes if self.peer.bodies.wants(e)]
+                self.want_bodies(h for h in wanted if not self.peer.has_blob(h))
             self.flush()
 
     def want_bodies(self, hashes: Iterable[str]) -> None:
@@ -236,9 +262,10 @@ class _YSession:
 class Peer:
     """A replica's mailboxes, kept in step with every peer it is linked to, listening or dialing."""
 
-    def __init__(self, replica: Replica, *, limits: TransportLimits | None = None, fetch_bodies: bool = True) -> None:
+    def __init__(self, replica: Replica, *, limits: TransportLimits | None = None,
+                 bodies: BodyPolicy | bool = True) -> None:
         self.replica = replica
-        self.fetch_bodies = fetch_bodies
+        self.bodies = bodies if isinstance(bodies, BodyPolicy) else BodyPolicy(fetch=bodies)
         self.registry = DeviceRegistry(replica.store)
         self.limits = limits or TransportLimits()
         self.sessions: set[_Session] = set()
@@ -268,9 +295,9 @@ class Peer:
 
     def missing_bodies(self, mailbox: str) -> list[str]:
         """Body hashes of this mailbox's messages that this peer does not hold (empty unless it fetches bodies)."""
-        if not self.fetch_bodies:
+        if not self.bodies.fetch:
             return []
-        hashes = {m.envelope.body_sha256 for m in self.mailbox(mailbox).all_messages()}
+        hashes = {m.envelope.body_sha256 for m in self.mailbox(mailbox).all_messages() if self.bodies.wants(m.envelope)}
         return sorted(h for h in hashes if h and not self.has_blob(h))
 
     def has_blob(self, sha256: str) -> bool:

@@ -152,3 +152,45 @@ def test_a_device_gets_nothing_of_a_mailbox_it_was_not_paired_for(tmp_path: Path
     asyncio.run(main())
     owner.close()
     other.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_phone_fetches_only_recent_small_bodies(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from crdtmail.peer import BodyPolicy
+
+    maildir = tmp_path / "Maildir"
+    write_maildir(maildir, generate_messages(60, seed=6))
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desktop_replica.import_path(maildir)
+    phone_replica = Replica.init(tmp_path / "phone")
+    now = dt.datetime(2026, 11, 15, 12, tzinfo=dt.UTC).timestamp()
+    policy = BodyPolicy(newer_than_days=60, max_bytes=20_000, now=now)
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica), Peer(phone_replica, bodies=policy)
+        token = desktop.registry.pair("phone", ["default"])
+        server = await desktop.serve()
+        dialer = phone.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["default"], initial_delay=0.05)
+        task = asyncio.create_task(dialer.run())
+        desk_box = desktop.mailbox("default")
+        await until(lambda: "default" in phone_replica.mailbox_names()
+                    and snapshot(phone.mailbox("default")) == snapshot(desk_box))
+        messages = list(desk_box.all_messages())
+        wanted = {m.id for m in messages if policy.wants(m.envelope)}
+        assert 0 < len(wanted) < len(messages)
+        phone_box = phone.mailbox("default")
+        await until(lambda: all(phone_box.body(i) is not None for i in wanted))
+        await asyncio.sleep(0.3)  # nothing else trickles in afterwards
+        assert {m.id for m in messages if phone_box.body(m.id) is not None} == wanted
+        dialer.stop()
+        for session in list(phone.sessions):
+            await session.link.close()
+        await asyncio.wait_for(task, 10)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    desktop_replica.close()
+    phone_replica.close()
