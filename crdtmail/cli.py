@@ -225,9 +225,19 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         mailbox = replica.mailbox(args.mailbox)
         message = mailbox.message(mailbox.resolve(args.id))
         body = mailbox.body(message.id)
+        missing = "the body is not stored on this peer"
+        if body is None and replica.config.peers:
+            # Fetched on demand: a phone keeps only recent bodies, and asks a peer that has the rest.
+            sha256 = message.envelope.body_sha256
+            if asyncio.run(_fetch_body(replica, mailbox.name, sha256, args.wait)):
+                body = mailbox.body(message.id)
+            else:
+                missing = "the body is not available offline: no peer that has it could be reached"
+        elif body is None:
+            missing += ", and no peer is configured to fetch it from"
         if args.raw:
             if body is None:
-                raise ModelError(f"the body of message {message.id} is not stored on this peer")
+                raise ModelError(f"message {message.id}: {missing}")
             sys.stdout.buffer.write(body)
             sys.stdout.flush()
             return EXIT_OK
@@ -245,8 +255,26 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         if env.cc:
             out.write(f"Cc:      {env.cc}\n")
         out.write(f"Subject: {env.subject}\nSize:    {env.size} bytes\n\n")
-        out.write(_body_text(body) if body is not None else "(the body is not stored on this peer)\n")
+        out.write(_body_text(body) if body is not None else f"({missing})\n")
     return EXIT_OK
+
+
+async def _fetch_body(replica: Replica, mailbox: str, sha256: str, timeout: float) -> bool:
+    """Dial the configured peers until one of them sends the body, or ``timeout`` passes."""
+    peer = Peer(replica, bodies=BodyPolicy(fetch=False))
+    peer.request_body(sha256)
+    dialers = [peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(), max_delay=1.0)
+               for remote in replica.config.peers if mailbox in remote.mailboxes]
+    tasks = [asyncio.create_task(dialer.run()) for dialer in dialers]
+    deadline = time.monotonic() + timeout
+    while tasks and time.monotonic() < deadline and not peer.has_blob(sha256):
+        await asyncio.sleep(0.05)
+    for dialer in dialers:
+        dialer.stop()
+    for session in list(peer.sessions):
+        await session.link.close(1000, "done")
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return peer.has_blob(sha256)
 
 
 def _body_text(raw: bytes) -> str:
@@ -658,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_show, "show one message (an id or a unique prefix of one)")
     p.add_argument("id")
     p.add_argument("--raw", action="store_true", help="print the raw RFC 5322 bytes")
+    p.add_argument("--wait", type=float, default=15.0,
+                   help="seconds to wait for a peer when the body has to be fetched (default 15)")
     p = add("flag", cmd_flag, "set (+) and clear (-) flags: crdtmail flag ID +seen -flagged +$Label")
     p.add_argument("id")
     p.add_argument("changes", nargs=argparse.REMAINDER, help="+flag or -flag, one or more")

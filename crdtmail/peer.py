@@ -266,6 +266,7 @@ class Peer:
                  bodies: BodyPolicy | bool = True) -> None:
         self.replica = replica
         self.bodies = bodies if isinstance(bodies, BodyPolicy) else BodyPolicy(fetch=bodies)
+        self._requested_bodies: set[str] = set()
         self.registry = DeviceRegistry(replica.store)
         self.limits = limits or TransportLimits()
         self.sessions: set[_Session] = set()
@@ -293,12 +294,19 @@ class Peer:
         for y_session in list(self.y_sessions):
             y_session.on_change(mailbox, change)
 
+    def request_body(self, sha256: str) -> None:
+        """Ask every linked peer (and every peer linked later) for one body, whatever the policy says."""
+        self._requested_bodies.add(sha256)
+        for session in list(self.sessions):
+            session.want_bodies([sha256])
+
     def missing_bodies(self, mailbox: str) -> list[str]:
-        """Body hashes of this mailbox's messages that this peer does not hold (empty unless it fetches bodies)."""
+        """Body hashes this peer wants and lacks: the policy's choice for this mailbox, and any requested."""
+        requested = sorted(h for h in self._requested_bodies if not self.has_blob(h))
         if not self.bodies.fetch:
-            return []
+            return requested
         hashes = {m.envelope.body_sha256 for m in self.mailbox(mailbox).all_messages() if self.bodies.wants(m.envelope)}
-        return sorted(h for h in hashes if h and not self.has_blob(h))
+        return sorted({h for h in hashes if h and not self.has_blob(h)} | set(requested))
 
     def has_blob(self, sha256: str) -> bool:
         """Whether this peer holds a body."""

@@ -153,3 +153,35 @@ def test_sync_over_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
         crdtmail(untrusted, "connect", url, f"--token={token}")  # no --ca: the certificate is not trusted
         result = crdtmail(untrusted, "sync", "--timeout", "3", check=False)
         assert result.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_show_fetches_a_body_the_phone_does_not_keep(tmp_path: Path) -> None:
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    write_maildir(tmp_path / "Maildir", generate_messages(20, seed=5))
+    crdtmail(desktop, "init")
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone")["token"]
+    crdtmail(phone, "init")
+    config = phone / "config.toml"
+    config.write_text(config.read_text().replace("# newer_than_days = 90", "newer_than_days = 1"))
+    with serving(desktop) as (line, _):
+        crdtmail(phone, "connect", line.split()[2], f"--token={token}")
+        crdtmail(phone, "sync", "--timeout", "30")
+        target = as_json(phone, "ls")["messages"][0]["id"]  # the sample mail is older than a day
+        from crdtmail.replica import Replica
+
+        with Replica.open(phone) as replica:
+            assert replica.mailbox().body(target) is None  # the policy kept it off the phone
+        shown = crdtmail(phone, "show", target)
+        assert "not stored" not in shown.stdout and "not available" not in shown.stdout
+        raw = subprocess.run([*CLI, "--data-dir", str(phone), "show", target, "--raw"], capture_output=True,
+                             timeout=60)
+        desk_raw = subprocess.run([*CLI, "--data-dir", str(desktop), "show", target, "--raw"],
+                                  capture_output=True, timeout=60)
+        assert raw.returncode == 0 and raw.stdout == desk_raw.stdout
+        other = as_json(phone, "ls")["messages"][1]["id"]
+    offline = crdtmail(phone, "show", other, "--wait", "1")  # the desktop is gone now
+    assert "not available offline" in offline.stdout
+    failed = crdtmail(phone, "show", other, "--raw", "--wait", "1", check=False)
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1
