@@ -263,17 +263,8 @@ async def _fetch_body(replica: Replica, mailbox: str, sha256: str, timeout: floa
     """Dial the configured peers until one of them sends the body, or ``timeout`` passes."""
     peer = Peer(replica, bodies=BodyPolicy(fetch=False))
     peer.request_body(sha256)
-    dialers = [peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(), max_delay=1.0)
-               for remote in replica.config.peers if mailbox in remote.mailboxes]
-    tasks = [asyncio.create_task(dialer.run()) for dialer in dialers]
-    deadline = time.monotonic() + timeout
-    while tasks and time.monotonic() < deadline and not peer.has_blob(sha256):
-        await asyncio.sleep(0.05)
-    for dialer in dialers:
-        dialer.stop()
-    for session in list(peer.sessions):
-        await session.link.close(1000, "done")
-    await asyncio.gather(*tasks, return_exceptions=True)
+    remotes = [remote for remote in replica.config.peers if mailbox in remote.mailboxes]
+    await peer.dial_until(remotes, lambda: peer.has_blob(sha256), timeout=timeout, max_delay=1.0)
     return peer.has_blob(sha256)
 
 
@@ -557,30 +548,24 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
     peer = Peer(replica, bodies=_body_policy(replica.config))
-    dialers = [(remote, peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(), max_delay=2.0))
-               for remote in replica.config.peers]
-    tasks = [asyncio.create_task(dialer.run()) for _, dialer in dialers]
-    deadline = time.monotonic() + timeout
+    remotes = replica.config.peers
+    figures: dict[str, dict[str, Any]] = {}
 
-    def synced(url: str, mailboxes: Sequence[str]) -> dict[str, Any] | None:
+    def all_synced() -> bool:
+        # Synced means every mailbox caught up and every body it asked for arrived.
         for session in peer.sessions:
-            if session.link.name == url and set(mailboxes) <= session.synced and not session.connection.wanted_blobs:
-                return {"bytes_sent": session.connection.bytes_sent,
-                        "bytes_received": session.connection.bytes_received}
-        return None
+            remote = next((r for r in remotes if r.url == session.link.name), None)
+            if remote and set(remote.mailboxes) <= session.synced and not session.connection.wanted_blobs:
+                figures[remote.url] = {"bytes_sent": session.connection.bytes_sent,
+                                       "bytes_received": session.connection.bytes_received}
+        return len(figures) == len(remotes)
 
-    while time.monotonic() < deadline and not all(synced(r.url, r.mailboxes) for r, _ in dialers):
-        await asyncio.sleep(0.05)
-    results = []
-    for remote, dialer in dialers:
-        figures = synced(remote.url, remote.mailboxes)
-        results.append({"url": remote.url, "mailboxes": list(remote.mailboxes), "synced": figures is not None,
-                        "error": dialer.last_error, **(figures or {"bytes_sent": 0, "bytes_received": 0})})
-        dialer.stop()
-    for session in list(peer.sessions):
-        await session.link.close(1000, "sync done")
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return results
+    dialers = await peer.dial_until(remotes, all_synced, timeout=timeout)
+    return [
+        {"url": remote.url, "mailboxes": list(remote.mailboxes), "synced": remote.url in figures,
+         "error": dialer.last_error, **figures.get(remote.url, {"bytes_sent": 0, "bytes_received": 0})}
+        for remote, dialer in zip(remotes, dialers, strict=True)
+    ]
 
 
 def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:

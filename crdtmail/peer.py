@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 from websockets.asyncio.server import Server
 
 from crdtmail.auth import Device, DeviceRegistry
+from crdtmail.config import RemotePeer
 from crdtmail.errors import ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
@@ -352,6 +353,25 @@ class Peer:
         dialer = Dialer(url, token, on_link, limits=self.limits, ssl=ssl, **backoff)
         self.dialers.append(dialer)
         return dialer
+
+    async def dial_until(self, remotes: Sequence[RemotePeer], done: Callable[[], bool], *, timeout: float,
+                         max_delay: float = 2.0) -> list[Dialer]:
+        """Dial ``remotes`` until ``done()`` holds or ``timeout`` passes, then stop and close every link.
+
+        Returns the dialers, which tell what went wrong (``last_error``) with a peer that was not reached.
+        """
+        dialers = [self.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
+                             max_delay=max_delay) for remote in remotes]
+        tasks = [asyncio.create_task(dialer.run()) for dialer in dialers]
+        deadline = time.monotonic() + timeout
+        while tasks and time.monotonic() < deadline and not done():
+            await asyncio.sleep(0.05)
+        for dialer in dialers:
+            dialer.stop()
+        for session in list(self.sessions):
+            await session.link.close(1000, "done")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return dialers
 
     def status(self) -> list[SessionStatus]:
         """The connected peers, their mailboxes and sync state."""
