@@ -194,3 +194,44 @@ def test_a_phone_fetches_only_recent_small_bodies(tmp_path: Path) -> None:
     asyncio.run(main())
     desktop_replica.close()
     phone_replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_dialing_peer_resyncs_both_ways_after_the_server_restarts(tmp_path: Path) -> None:
+    desktop_replica, phone_replica = Replica.init(tmp_path / "desktop"), Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica), Peer(phone_replica)
+        desk_box = desktop.mailbox("default")
+        first = desk_box.add(b"From: a@b\r\nSubject: one\r\nMessage-ID: <one@x>\r\n\r\n1\r\n").message_id
+        token = desktop.registry.pair("phone", ["default"])
+        server = await desktop.serve()
+        port = port_of(server)
+        dialer = phone.dial(f"ws://127.0.0.1:{port}/sync", token, ["default"], initial_delay=0.05, max_delay=0.3)
+        task = asyncio.create_task(dialer.run())
+        await until(lambda: first in {m.id for m in phone.mailbox("default").all_messages()})
+
+        # The desktop goes away; both sides change things meanwhile.
+        server.close()
+        for session in list(desktop.sessions):
+            await session.link.close(1001, "restarting")
+        await server.wait_closed()
+        second = desk_box.add(b"From: a@b\r\nSubject: two\r\nMessage-ID: <two@x>\r\n\r\n2\r\n").message_id
+        phone.mailbox("default").set_flags(first, add=["seen"])
+        await asyncio.sleep(0.5)  # the dialer retries while nobody listens
+        assert dialer.last_error is not None
+
+        server = await desktop.serve(port=port)
+        await until(lambda: second in {m.id for m in phone.mailbox("default").all_messages()}
+                    and "\\Seen" in desk_box.message(first).flags)
+        assert dialer.connections == 2
+        dialer.stop()
+        for session in list(phone.sessions):
+            await session.link.close()
+        await asyncio.wait_for(task, 10)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    desktop_replica.close()
+    phone_replica.close()
