@@ -90,7 +90,8 @@ async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -
     server = await peer.serve()
     print(server.sockets[0].getsockname()[1], flush=True)
     target = next(iter(box.all_messages())).id
-    while not peer.sessions or not all("default" in s.synced for s in peer.sessions):
+    ready = out.with_suffix(".ready")  # written by the receiver once its own sync is done
+    while not ready.exists():
         await asyncio.sleep(0.01)
     times: list[int] = []
     for n in range(count):
@@ -105,7 +106,7 @@ async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -
     server.close()
 
 
-async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out: Path) -> None:
+async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out: Path, ready: Path) -> None:
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
 
@@ -124,12 +125,29 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
     box.observe(on_change)
     dialer = peer.dial(f"ws://127.0.0.1:{port}/sync", token, ["default"])
     task = asyncio.create_task(dialer.run())
+    while not any("default" in s.synced for s in peer.sessions):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # let a relay in between finish its own sync first
+    ready.write_text("ready")
     await asyncio.wait_for(done.wait(), timeout=max(60.0, count * 0.01))
     dialer.stop()
     for session in list(peer.sessions):
         await session.link.close()
     await task
     out.write_text(json.dumps(times))
+
+
+async def _peer_relay(data_dir: Path, upstream_port: int, token: str) -> None:
+    """The middle peer of a chain: serves its own port (printed) and dials the sender; runs until killed."""
+    from crdtmail.peer import Peer
+    from crdtmail.replica import Replica
+
+    replica = Replica.open(data_dir)
+    peer = Peer(replica, bodies=False)
+    peer.mailbox("default")
+    server = await peer.serve()
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await peer.dial(f"ws://127.0.0.1:{upstream_port}/sync", token, ["default"]).run()
 
 
 def child_main(argv: list[str]) -> int:
@@ -141,8 +159,11 @@ def child_main(argv: list[str]) -> int:
         asyncio.run(_floor_sender(int(argv[0]), int(argv[1]), float(argv[2]), Path(argv[3])))
     elif role == "peer-sender":
         asyncio.run(_peer_sender(Path(argv[0]), int(argv[1]), float(argv[2]), Path(argv[3])))
+    elif role == "peer-relay":
+        asyncio.run(_peer_relay(Path(argv[0]), int(argv[1]), argv[2]))
     elif role == "peer-receiver":
-        asyncio.run(_peer_receiver(Path(argv[0]), int(argv[1]), argv[2], int(argv[3]), Path(argv[4])))
+        asyncio.run(_peer_receiver(Path(argv[0]), int(argv[1]), argv[2], int(argv[3]), Path(argv[4]),
+                                   Path(argv[5])))
     return 0
 
 
@@ -186,19 +207,40 @@ def run(args: argparse.Namespace) -> int:
     from crdtmail.sample import generate_messages, write_maildir
 
     write_maildir(work / "Maildir", generate_messages(200, seed=1))
+    from crdtmail.auth import DeviceRegistry
+
     with Replica.init(work / "a") as a:
         a.import_path(work / "Maildir")
-        from crdtmail.auth import DeviceRegistry
-
         token = DeviceRegistry(a.store).pair("b", ["default"])
     Replica.init(work / "b").close()
     sender = _spawn("peer-sender", work / "a", total, interval, work / "peer-sent.json")
     assert sender.stdout is not None
     port = int(sender.stdout.readline())
-    receiver = _spawn("peer-receiver", work / "b", port, token, total, work / "peer-recv.json")
+    receiver = _spawn("peer-receiver", work / "b", port, token, total, work / "peer-recv.json",
+                      work / "peer-sent.ready")
     receiver.wait(timeout=600)
     sender.wait(timeout=60)
     one_hop = _summary(_pair_latencies(work / "peer-sent.json", work / "peer-recv.json", warmup))
+
+    # Two hops: a -> relay -> c, with no a - c link.
+    for name in ("relay", "c"):
+        shutil.rmtree(work / name, ignore_errors=True)
+        Replica.init(work / name).close()
+    with Replica.open(work / "relay") as relay_replica:
+        token_c = DeviceRegistry(relay_replica.store).pair("c", ["default"])
+    sender = _spawn("peer-sender", work / "a", total, interval, work / "relay-sent.json")
+    assert sender.stdout is not None
+    port = int(sender.stdout.readline())
+    relay = _spawn("peer-relay", work / "relay", port, token)
+    assert relay.stdout is not None
+    relay_port = int(relay.stdout.readline())
+    receiver = _spawn("peer-receiver", work / "c", relay_port, token_c, total, work / "relay-recv.json",
+                      work / "relay-sent.ready")
+    receiver.wait(timeout=600)
+    sender.wait(timeout=60)
+    relay.kill()
+    relay.wait(timeout=10)
+    two_hops = _summary(_pair_latencies(work / "relay-sent.json", work / "relay-recv.json", warmup))
 
     results = {
         "scenario": "sync-latency",
@@ -208,14 +250,16 @@ def run(args: argparse.Namespace) -> int:
         "warmup": warmup,
         "floor_raw_websockets": floor,
         "one_hop_flag_change": one_hop,
-        "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5},
+        "two_hops_through_a_relay": two_hops,
+        "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5, "two_hops_p50_ms": 0.35},
         "note": "one hop = set_flags committed on A until the update is applied and committed on B",
     }
     path = write_results("sync", results)
     print(
         f"floor (raw websockets, one way): p50 {floor['p50_ms']:.3f} ms, p99 {floor['p99_ms']:.3f} ms; "
         f"one-hop flag change: p50 {one_hop['p50_ms']:.3f} ms, p99 {one_hop['p99_ms']:.3f} ms, "
-        f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples)\nwrote {path}"
+        f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples); two hops: p50 {two_hops['p50_ms']:.3f} ms, "
+        f"p99 {two_hops['p99_ms']:.3f} ms\nwrote {path}"
     )
     return 0
 
