@@ -150,6 +150,40 @@ async def _peer_relay(data_dir: Path, upstream_port: int, token: str) -> None:
     await peer.dial(f"ws://127.0.0.1:{upstream_port}/sync", token, ["default"]).run()
 
 
+async def _peer_server(data_dir: Path) -> None:
+    """A peer that only serves (printing its port) until killed."""
+    from crdtmail.peer import Peer
+    from crdtmail.replica import Replica
+
+    peer = Peer(Replica.open(data_dir), bodies=False)
+    peer.mailbox("default")
+    server = await peer.serve()
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+async def _peer_resync(data_dir: Path, port: int, token: str, out: Path) -> None:
+    """Dial, and report how long the mailbox took to be in sync both ways, and the bytes each way."""
+    from crdtmail.peer import Peer
+    from crdtmail.replica import Replica
+
+    peer = Peer(Replica.open(data_dir), bodies=False)
+    peer.mailbox("default")
+    started = time.perf_counter()
+    dialer = peer.dial(f"ws://127.0.0.1:{port}/sync", token, ["default"])
+    task = asyncio.create_task(dialer.run())
+    while not any("default" in s.synced for s in peer.sessions):
+        await asyncio.sleep(0.0005)
+    seconds = time.perf_counter() - started
+    session = next(iter(peer.sessions))
+    figures = {"seconds": seconds, "bytes_sent": session.connection.bytes_sent,
+               "bytes_received": session.connection.bytes_received}
+    dialer.stop()
+    await session.link.close()
+    await task
+    out.write_text(json.dumps(figures))
+
+
 def child_main(argv: list[str]) -> int:
     """Entry point of the benchmark's child processes (chosen by $CRDTMAIL_BENCH_ROLE)."""
     role = os.environ[ROLE_ENV]
@@ -159,6 +193,10 @@ def child_main(argv: list[str]) -> int:
         asyncio.run(_floor_sender(int(argv[0]), int(argv[1]), float(argv[2]), Path(argv[3])))
     elif role == "peer-sender":
         asyncio.run(_peer_sender(Path(argv[0]), int(argv[1]), float(argv[2]), Path(argv[3])))
+    elif role == "peer-server":
+        asyncio.run(_peer_server(Path(argv[0])))
+    elif role == "peer-resync":
+        asyncio.run(_peer_resync(Path(argv[0]), int(argv[1]), argv[2], Path(argv[3])))
     elif role == "peer-relay":
         asyncio.run(_peer_relay(Path(argv[0]), int(argv[1]), argv[2]))
     elif role == "peer-receiver":
@@ -183,6 +221,49 @@ def _pair_latencies(sent: Path, received: Path, skip: int) -> list[float]:
     received_times = json.loads(received.read_text())
     pairs = list(zip(sent_times, received_times, strict=True))[skip:]
     return [(r - s) / 1e6 for s, r in pairs]
+
+
+def _reconnect(work: Path, changes: int) -> dict[str, Any]:
+    """Two synced peers each make ``changes`` flag changes offline, then reconnect: time and bytes to resync."""
+    from crdtmail.auth import DeviceRegistry
+    from crdtmail.replica import Replica
+    from crdtmail.sample import generate_messages, write_maildir
+
+    messages = 5000
+    for name in ("r-a", "r-b", "r-maildir"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    write_maildir(work / "r-maildir", generate_messages(messages, seed=3))
+    with Replica.init(work / "r-a") as a:
+        a.import_path(work / "r-maildir")
+        token = DeviceRegistry(a.store).pair("b", ["default"])
+    Replica.init(work / "r-b").close()
+    server = _spawn("peer-server", work / "r-a")
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    first = _spawn("peer-resync", work / "r-b", port, token, work / "r-first.json")  # the initial full sync
+    first.wait(timeout=600)
+    server.kill()
+    server.wait(timeout=10)
+    for name, flag in (("r-a", "flagged"), ("r-b", "seen")):
+        with Replica.open(work / name) as replica:
+            box = replica.mailbox()
+            ids = [row.message_id for row in box.list_folder("INBOX", limit=changes)]
+            for n in range(changes):
+                box.set_flags(ids[n % len(ids)], add=[flag]) if n % 2 == 0 else box.set_flags(
+                    ids[n % len(ids)], remove=[flag])
+    server = _spawn("peer-server", work / "r-a")
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    again = _spawn("peer-resync", work / "r-b", port, token, work / "r-again.json")
+    again.wait(timeout=600)
+    server.kill()
+    server.wait(timeout=10)
+    initial = json.loads((work / "r-first.json").read_text())
+    figures: dict[str, Any] = json.loads((work / "r-again.json").read_text())
+    figures.update(changes_each_side=changes, mailbox_messages=messages,
+                   initial_sync_bytes=initial["bytes_sent"] + initial["bytes_received"],
+                   initial_sync_seconds=initial["seconds"])
+    return figures
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
     relay.wait(timeout=10)
     two_hops = _summary(_pair_latencies(work / "relay-sent.json", work / "relay-recv.json", warmup))
 
+    reconnect = _reconnect(work, 200 if args.quick else 1000)
+
     results = {
         "scenario": "sync-latency",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -251,7 +334,9 @@ def run(args: argparse.Namespace) -> int:
         "floor_raw_websockets": floor,
         "one_hop_flag_change": one_hop,
         "two_hops_through_a_relay": two_hops,
-        "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5, "two_hops_p50_ms": 0.35},
+        "reconnect_after_offline_changes": reconnect,
+        "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5, "two_hops_p50_ms": 0.35,
+                    "reconnect_after_1000_changes_s": 0.1},
         "note": "one hop = set_flags committed on A until the update is applied and committed on B",
     }
     path = write_results("sync", results)
@@ -259,7 +344,9 @@ def run(args: argparse.Namespace) -> int:
         f"floor (raw websockets, one way): p50 {floor['p50_ms']:.3f} ms, p99 {floor['p99_ms']:.3f} ms; "
         f"one-hop flag change: p50 {one_hop['p50_ms']:.3f} ms, p99 {one_hop['p99_ms']:.3f} ms, "
         f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples); two hops: p50 {two_hops['p50_ms']:.3f} ms, "
-        f"p99 {two_hops['p99_ms']:.3f} ms\nwrote {path}"
+        f"p99 {two_hops['p99_ms']:.3f} ms; reconnect after {reconnect['changes_each_side']} offline changes on "
+        f"each side of a {reconnect['mailbox_messages']}-message mailbox: {reconnect['seconds'] * 1000:.0f} ms, "
+        f"{reconnect['bytes_sent'] + reconnect['bytes_received']} bytes\nwrote {path}"
     )
     return 0
 
