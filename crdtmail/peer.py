@@ -26,7 +26,7 @@ from crdtmail.auth import Device, DeviceRegistry
 from crdtmail.config import RemotePeer
 from crdtmail.errors import ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
-from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
+from crdtmail.model.mailbox import INDEX_DOC, UNDATED, Mailbox, MailboxChange, is_document_name
 from crdtmail.model.message import Envelope
 from crdtmail.protocol.frames import (
     CloseCode,
@@ -177,7 +177,7 @@ class _Session:
     def _start(self, mailboxes: Sequence[str]) -> None:
         for name in mailboxes:
             mailbox = self.peer.mailbox(name)
-            sync = MailboxSync(self.connection, name, MailboxSource(mailbox, accepts=is_document_name))
+            sync = MailboxSync(self.connection, name, MailboxSource(mailbox, accepts=self.peer.accepts_document))
             self.syncs[name] = sync
             sync.start()
 
@@ -264,8 +264,10 @@ class Peer:
     """A replica's mailboxes, kept in step with every peer it is linked to, listening or dialing."""
 
     def __init__(self, replica: Replica, *, limits: TransportLimits | None = None,
-                 bodies: BodyPolicy | bool = True) -> None:
+                 bodies: BodyPolicy | bool = True, oldest_shard: str | None = None) -> None:
         self.replica = replica
+        # A phone's sync window: month shards older than this ("2026-09") are neither asked for nor sent.
+        self.oldest_shard = oldest_shard
         self.bodies = bodies if isinstance(bodies, BodyPolicy) else BodyPolicy(fetch=bodies)
         self._requested_bodies: set[str] = set()
         self.registry = DeviceRegistry(replica.store)
@@ -294,6 +296,14 @@ class Peer:
             session.on_change(mailbox, change)
         for y_session in list(self.y_sessions):
             y_session.on_change(mailbox, change)
+
+    def accepts_document(self, name: str) -> bool:
+        """Whether a document is synced with peers: every mailbox document, within the sync window if any."""
+        if not is_document_name(name):
+            return False
+        if self.oldest_shard is None or name == INDEX_DOC:
+            return True
+        return name != UNDATED and name >= self.oldest_shard
 
     def request_body(self, sha256: str) -> None:
         """Ask every linked peer (and every peer linked later) for one body, whatever the policy says."""

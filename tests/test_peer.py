@@ -235,3 +235,41 @@ def test_the_dialing_peer_resyncs_both_ways_after_the_server_restarts(tmp_path: 
     asyncio.run(main())
     desktop_replica.close()
     phone_replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_window_keeps_old_shards_off_the_phone(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    write_maildir(maildir, generate_messages(80, seed=8))
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desktop_replica.import_path(maildir)
+    phone_replica = Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica), Peer(phone_replica, oldest_shard="2026-09")
+        token = desktop.registry.pair("phone", ["default"])
+        server = await desktop.serve()
+        dialer = phone.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["default"], initial_delay=0.05)
+        task = asyncio.create_task(dialer.run())
+        await phone.wait_synced("default", timeout=15)
+        desk_box = desktop.mailbox("default")
+        recent = {m.id for m in desk_box.all_messages() if m.shard >= "2026-09" and m.shard != "undated"}
+        phone_box = phone.mailbox("default")
+        await until(lambda: {m.id for m in phone_box.all_messages()} == recent)
+        assert all(name == "index" or name >= "2026-09" for name in phone_box.document_names())
+        old = next(m for m in desk_box.all_messages() if m.shard < "2026-09")
+        desk_box.set_flags(old.id, add=["flagged"])  # a change to an old shard does not reach the phone
+        newest = max(recent, key=lambda i: desk_box.message(i).envelope.date or 0)
+        desk_box.set_flags(newest, add=["$Later"])
+        await until(lambda: "$Later" in phone_box.message(newest).flags)
+        assert all(name == "index" or name >= "2026-09" for name in phone_box.document_names())
+        dialer.stop()
+        for session in list(phone.sessions):
+            await session.link.close()
+        await asyncio.wait_for(task, 10)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    desktop_replica.close()
+    phone_replica.close()
