@@ -162,12 +162,14 @@ async def _peer_server(data_dir: Path) -> None:
     await server.serve_forever()
 
 
-async def _peer_resync(data_dir: Path, port: int, token: str, out: Path) -> None:
+async def _peer_resync(data_dir: Path, port: int, token: str, out: Path, oldest_shard: str = "") -> None:
     """Dial, and report how long the mailbox took to be in sync both ways, and the bytes each way."""
+    import resource
+
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
 
-    peer = Peer(Replica.open(data_dir), bodies=False)
+    peer = Peer(Replica.open(data_dir), bodies=False, oldest_shard=oldest_shard or None)
     peer.mailbox("default")
     started = time.perf_counter()
     dialer = peer.dial(f"ws://127.0.0.1:{port}/sync", token, ["default"])
@@ -177,7 +179,8 @@ async def _peer_resync(data_dir: Path, port: int, token: str, out: Path) -> None
     seconds = time.perf_counter() - started
     session = next(iter(peer.sessions))
     figures = {"seconds": seconds, "bytes_sent": session.connection.bytes_sent,
-               "bytes_received": session.connection.bytes_received}
+               "bytes_received": session.connection.bytes_received,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     dialer.stop()
     await session.link.close()
     await task
@@ -196,7 +199,7 @@ def child_main(argv: list[str]) -> int:
     elif role == "peer-server":
         asyncio.run(_peer_server(Path(argv[0])))
     elif role == "peer-resync":
-        asyncio.run(_peer_resync(Path(argv[0]), int(argv[1]), argv[2], Path(argv[3])))
+        asyncio.run(_peer_resync(Path(argv[0]), int(argv[1]), argv[2], Path(argv[3]), *argv[4:]))
     elif role == "peer-relay":
         asyncio.run(_peer_relay(Path(argv[0]), int(argv[1]), argv[2]))
     elif role == "peer-receiver":
@@ -266,6 +269,36 @@ def _reconnect(work: Path, changes: int) -> dict[str, Any]:
     return figures
 
 
+def _initial_sync(work: Path) -> dict[str, Any]:
+    """A fresh peer replicates the 100k-message peer that `python -m bench import` left: all of it, then only
+    its last three months."""
+    from crdtmail.auth import DeviceRegistry
+    from crdtmail.replica import Replica
+
+    source = WORK_DIR / "peer-100000"
+    if not (source / "crdtmail.sqlite3").exists():
+        return {"skipped": "run `python -m bench import` first: it leaves the 100k-message peer this replicates"}
+    with Replica.open(source) as replica:
+        token = DeviceRegistry(replica.store).pair("bench-initial", ["default"])
+        months = sorted(n for n in replica.store.backend("default").document_names() if n[:1].isdigit())
+    server = _spawn("peer-server", source)
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    figures: dict[str, Any] = {}
+    try:
+        for label, oldest in (("full", ""), ("last_3_months", months[-3])):
+            target = work / f"initial-{label}"
+            shutil.rmtree(target, ignore_errors=True)
+            Replica.init(target).close()
+            out = work / f"initial-{label}.json"
+            _spawn("peer-resync", target, port, token, out, oldest).wait(timeout=600)
+            figures[label] = json.loads(out.read_text())
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    return figures
+
+
 def run(args: argparse.Namespace) -> int:
     """Measure the floor and one-hop convergence; write the result file."""
     changes = 200 if args.quick else args.changes
@@ -324,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
     two_hops = _summary(_pair_latencies(work / "relay-sent.json", work / "relay-recv.json", warmup))
 
     reconnect = _reconnect(work, 200 if args.quick else 1000)
+    initial = _initial_sync(work) if not args.quick else {"skipped": "--quick"}
 
     results = {
         "scenario": "sync-latency",
@@ -335,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
         "one_hop_flag_change": one_hop,
         "two_hops_through_a_relay": two_hops,
         "reconnect_after_offline_changes": reconnect,
+        "initial_sync_100k": initial,
         "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5, "two_hops_p50_ms": 0.35,
                     "reconnect_after_1000_changes_s": 0.1},
         "note": "one hop = set_flags committed on A until the update is applied and committed on B",
@@ -346,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples); two hops: p50 {two_hops['p50_ms']:.3f} ms, "
         f"p99 {two_hops['p99_ms']:.3f} ms; reconnect after {reconnect['changes_each_side']} offline changes on "
         f"each side of a {reconnect['mailbox_messages']}-message mailbox: {reconnect['seconds'] * 1000:.0f} ms, "
-        f"{reconnect['bytes_sent'] + reconnect['bytes_received']} bytes\nwrote {path}"
+        f"{reconnect['bytes_sent'] + reconnect['bytes_received']} bytes; initial sync of 100k: {initial}\nwrote {path}"
     )
     return 0
 

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from crdtmail.errors import (
@@ -64,6 +65,7 @@ _SHARD_NAME = re.compile(r"^(\d{4}-(0[1-9]|1[0-2])|undated)$")
 _MAX_FOLDER_NAME = 200
 _FLAG_SEPARATOR = "/"
 MAX_HELD_UPDATES = 10_000
+BULK_ROWS = 500
 
 
 def is_shard_name(name: str) -> bool:
@@ -183,9 +185,15 @@ class _Shard:
         return [prefix + name for name in self.flag_names if prefix + name in self.flags]
 
 
+def _map_dict(root: Map[Any]) -> dict[str, Any]:
+    """A whole map as a dict, converted in one step by Yrs (JSON), where ``to_py`` reads key by key."""
+    value = orjson.loads(str(root))
+    return value if isinstance(value, dict) else {}
+
+
 def _flags_by_message(shard: _Shard) -> dict[str, set[str]]:
     result: dict[str, set[str]] = {}
-    for key, value in shard.flags.items():
+    for key, value in _map_dict(shard.flags).items():  # one conversion, not a transaction per key
         if value is True:
             message_id, _, flag = key.partition(_FLAG_SEPARATOR)
             result.setdefault(message_id, set()).add(flag)
@@ -211,6 +219,7 @@ class Mailbox:
         self._held: dict[str, list[tuple[bytes, Any]]] = {}
         self._remote_changed = False
         self._watched: set[str] = set()  # documents whose maps are observed (see _watch_roots)
+        self._bulk_document: str | None = None
         self._index_doc: Doc[Any] = Doc()
         stored = backend.load_document(INDEX_DOC)
         if stored is not None:
@@ -268,8 +277,8 @@ class Mailbox:
         kind.add(message_id)
 
     def _on_shard_event(self, shard: _Shard, root: str, event: MapEvent) -> None:
-        if self._remote_origin is None:
-            return  # a local operation, which records its own changes
+        if self._remote_origin is None or self._bulk_document == shard.name:
+            return  # a local operation records its own changes; a whole shard is read once after it arrives
         pending = self._pending
         touched = pending.touched.setdefault(shard.name, set())
         pending.documents.add(shard.name)
@@ -344,8 +353,11 @@ class Mailbox:
             batch.updates.append(DocumentUpdate(update.doc_name, update.update, vectors[update.doc_name]))
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
+            # A big remote change (a whole shard arriving) reads each map once instead of once per message.
+            bulk = self._bulk_rows(shard) if len(ids) > BULK_ROWS else None
             for message_id in ids:
-                row = pending.row_hints.get(message_id) or self._row(shard, message_id)
+                row = pending.row_hints.get(message_id) or (
+                    bulk.get(message_id) if bulk is not None else self._row(shard, message_id))
                 if row is None:
                     batch.rows_delete.add(message_id)
                     batch.rows_upsert.pop(message_id, None)
@@ -401,13 +413,30 @@ class Mailbox:
 
     def rows_for_shard(self, shard_name: str) -> dict[str, IndexRow]:
         """Recompute the derived rows of one shard from its document."""
-        shard = self._load_shard(shard_name)
+        return self._bulk_rows(self._load_shard(shard_name))
+
+    def _bulk_rows(self, shard: _Shard) -> dict[str, IndexRow]:
+        """Every visible message's row, reading each map once (a pycrdt look-up per key costs a transaction)."""
+        messages = _map_dict(shard.messages)
+        placement = _map_dict(shard.placement)
+        expunged = _map_dict(shard.expunged)
         flags = _flags_by_message(shard)
         rows: dict[str, IndexRow] = {}
-        for message_id in shard.messages.keys():  # noqa: SIM118 (pycrdt's __iter__ is untyped)
-            row = self._row(shard, message_id, flags.get(message_id, ()))
-            if row is not None:
-                rows[message_id] = row
+        for message_id, value in messages.items():
+            if message_id in expunged:
+                continue
+            envelope = Envelope.from_crdt(value)
+            folder = placement.get(message_id)
+            rows[message_id] = IndexRow(
+                message_id=message_id,
+                shard=shard.name,
+                folder_id=folder if isinstance(folder, str) else INBOX,
+                date=envelope.date or 0,
+                flags=tuple(sorted(flags.get(message_id, ()))),
+                sender=envelope.sender,
+                subject=envelope.subject,
+                size=envelope.size,
+            )
         return rows
 
     def repair_index(self) -> list[str]:
@@ -817,11 +846,23 @@ class Mailbox:
         self._remote_origin = origin
         self._watch_roots(doc_name)
         self._remote_changed = False
+        # A shard arriving whole (an initial sync) would raise an event per key; read it once afterwards instead.
+        self._bulk_document = doc_name if doc_name != INDEX_DOC and doc.get_state() == b"\x00" else None
         try:
             with doc.transaction(origin=origin):
                 doc.apply_update(update)
         finally:
             self._remote_origin = None
+            bulk, self._bulk_document = self._bulk_document, None
+        if bulk is not None and self._remote_changed:
+            shard = self._shards[doc_name]
+            arrived = set(_map_dict(shard.messages)) | set(_map_dict(shard.expunged))
+            for key in _map_dict(shard.flags):
+                message_id, _, flag = key.partition(_FLAG_SEPARATOR)
+                shard.flag_names.add(flag)
+                shard.flagged_ids.add(message_id)
+            self._pending.touched.setdefault(doc_name, set()).update(arrived)
+            self._pending.added.update(arrived)
         if not self._remote_changed:
             # Everything in it was here already (a relay brought it twice): nothing to store or pass on, which
             # also stops an update from circling a loop of peers.

@@ -147,6 +147,11 @@ class SqliteStore:
                     )
                 if version < SCHEMA_VERSION:
                     raise CorruptStoreError(f"{path} has an unknown schema version {version}; it cannot be read")
+                # Tables and indexes added within a schema version are additive: create any that are missing.
+                with _transaction(connection):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
         except sqlite3.Error as exc:
             connection.close()
             raise _storage_error("open", path, exc) from exc
