@@ -96,10 +96,11 @@ async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -
     times: list[int] = []
     for n in range(count):
         times.append(time.monotonic_ns())
+        # A keyword no sample message carries, so every one of these calls is a real change.
         if n % 2:
-            box.set_flags(target, remove=["flagged"])
+            box.set_flags(target, remove=["$BenchToggle"])
         else:
-            box.set_flags(target, add=["flagged"])
+            box.set_flags(target, add=["$BenchToggle"])
         await asyncio.sleep(interval)
     await asyncio.sleep(1.0)
     out.write_text(json.dumps(times))
@@ -129,7 +130,10 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # let a relay in between finish its own sync first
     ready.write_text("ready")
-    await asyncio.wait_for(done.wait(), timeout=max(60.0, count * 0.01))
+    try:
+        await asyncio.wait_for(done.wait(), timeout=max(60.0, count * 0.01))
+    except TimeoutError:
+        raise SystemExit(f"only {len(times)} of {count} changes arrived") from None
     dialer.stop()
     for session in list(peer.sessions):
         await session.link.close()
