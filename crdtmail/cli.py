@@ -26,6 +26,7 @@ import orjson
 
 from crdtmail import __version__
 from crdtmail.auth import DeviceRegistry
+from crdtmail.bridges.state import read_meta
 from crdtmail.config import Config, RemotePeer, resolve_data_dir
 from crdtmail.errors import ConfigError, CrdtmailError, ModelError
 from crdtmail.model.backend import IndexRow
@@ -400,11 +401,17 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
                 }
             )
         replica_bytes = replica.store.file_size()
+        bridges = {name: meta for name in replica.mailbox_names() if (meta := read_meta(replica.store, name))}
+        running = _running_status(replica.data_dir)
+        for name, live in (running or {}).get("bridges", {}).items():
+            bridges.setdefault(name, {}).update(live, running=True)
         status = {
             "data_dir": str(replica.data_dir),
             "peer_id": replica.peer_id,
             "database_bytes": replica.store.file_size(),
             "mailboxes": mailboxes,
+            "bridges": bridges,
+            "sessions": (running or {}).get("sessions", []),
         }
     if args.json:
         _emit_json(status, out)
@@ -416,7 +423,25 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"mailbox {entry['name']}: {entry['messages']} messages, {entry['unread']} unread ({details})\n")
     if not mailboxes:
         out.write("no mailboxes yet: `crdtmail import PATH` adds one\n")
+    for name, bridge in bridges.items():
+        when = _format_date(int(bridge["last_full_pass"])) if bridge.get("last_full_pass") else "never"
+        out.write(f"maildir bridge {name}: {bridge.get('maildir')}, {bridge.get('files', 0)} files, "
+                  f"{'running' if bridge.get('running') else 'not running'}, last full pass {when}, "
+                  f"last pass: {bridge.get('last_pass') or '-'}, waiting for bodies: "
+                  f"{bridge.get('waiting_for_bodies', 0)}\n")
+    for session in status["sessions"]:
+        out.write(f"connected to {session['remote_peer']} ({session['role']}): synced "
+                  f"{', '.join(session['synced']) or 'nothing yet'}\n")
     return EXIT_OK
+
+
+def _running_status(data_dir: Path) -> dict[str, Any] | None:
+    """What a running `crdtmail serve` or `crdtmail desktop` last wrote about itself, if it is running."""
+    try:
+        payload: dict[str, Any] = orjson.loads((data_dir / STATUS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return payload if time.time() - float(payload.get("written", 0)) < 10 else None
 
 
 def cmd_pair(args: argparse.Namespace, out: TextIO) -> int:
@@ -513,6 +538,16 @@ async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
         status_path.unlink(missing_ok=True)
     out.write("stopped; every change is committed\n")
     return EXIT_OK
+
+
+def cmd_desktop(args: argparse.Namespace, out: TextIO) -> int:
+    from peers.desktop import maildirs_from, run_desktop
+
+    with Replica.open(args.data_dir) if (args.data_dir / "crdtmail.sqlite3").exists() else Replica.init(
+            args.data_dir, config_path=args.config) as replica:
+        maildirs = maildirs_from(args.maildirs or [], replica, args.mailbox)
+        return asyncio.run(run_desktop(replica, maildirs, host=args.host or None, port=args.port, once=args.once,
+                                       out=out))
 
 
 def cmd_connect(args: argparse.Namespace, out: TextIO) -> int:
@@ -706,6 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "run this peer: accept paired devices and dial configured peers until stopped")
     p.add_argument("--host", default=None, help="address to listen on (default: [listen] host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: [listen] port, 7878)")
+    p = add("desktop", cmd_desktop, "run the desktop peer: mirror a Maildir both ways and sync it with devices")
+    p.add_argument("--maildir", dest="maildirs", action="append", metavar="[MAILBOX=]PATH",
+                   help="a Maildir to mirror (repeatable; default: [maildirs] in the config)")
+    p.add_argument("--host", default=None, help="address to listen on (default: [listen] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: [listen] port, 7878)")
+    p.add_argument("--once", action="store_true", help="one full pass between Maildir and replica, then exit")
     p = add("connect", cmd_connect, "add a peer to dial, with the token it paired for this device")
     p.add_argument("url", help="ws://host:port/sync or wss://...")
     p.add_argument("--token", required=True, help="the token `crdtmail pair` printed on that peer")

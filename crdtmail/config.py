@@ -58,6 +58,16 @@ port = 7878
 # newer_than_days = 90
 # max_bytes = 1000000
 
+[maildirs]
+# The Maildir each mailbox mirrors when `crdtmail desktop` runs (or give --maildir on its command line):
+# default = "~/Maildir"
+
+[bridge]
+# A message expunged on another device has its file moved to <Maildir>/crdtmail-expunged/, kept this long:
+expunged_retention_days = 30
+# A full rescan of the Maildir runs this often, besides watching it for changes:
+rescan_seconds = 300
+
 # Peers to dial are added by `crdtmail connect URL --token T`, as [[peers]] tables at the end of this file.
 """
 
@@ -92,6 +102,9 @@ class Config:
     bodies_newer_than_days: float | None = None
     bodies_max_bytes: int | None = None
     peers: tuple[RemotePeer, ...] = ()
+    maildirs: dict[str, Path] = field(default_factory=dict)  # mailbox name -> Maildir the desktop peer mirrors
+    expunged_retention_days: float = 30.0
+    rescan_seconds: float = 300.0
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -135,13 +148,26 @@ class Config:
             raise ConfigError(f"{path}: [bodies] newer_than_days must be a positive number of days")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
             raise ConfigError(f"{path}: [bodies] max_bytes must be a positive number of bytes")
+        maildirs = _section(raw, "maildirs", path)
+        for name, value in maildirs.items():
+            if not valid_mailbox_name(name) or not isinstance(value, str) or not value:
+                raise ConfigError(f'{path}: [maildirs] entries are mailbox = "/path/to/Maildir"')
+        bridge = _section(raw, "bridge", path)
+        retention = bridge.get("expunged_retention_days", 30.0)
+        rescan = bridge.get("rescan_seconds", 300.0)
+        if not isinstance(retention, int | float) or retention < 0:
+            raise ConfigError(f"{path}: [bridge] expunged_retention_days must be a number of days (0 or more)")
+        if not isinstance(rescan, int | float) or rescan <= 0:
+            raise ConfigError(f"{path}: [bridge] rescan_seconds must be a positive number of seconds")
         peers = raw.get("peers", [])
         if not isinstance(peers, list):
             raise ConfigError(f"{path}: peers must be [[peers]] tables")
         return cls(path=path, default_mailbox=default_mailbox, synchronous=synchronous.upper(), listen_host=host,
                    listen_port=port, peers=tuple(RemotePeer.from_toml(entry, path) for entry in peers), raw=raw,
                    tls_cert=_path(tls["tls_cert"], path), tls_key=_path(tls["tls_key"], path),
-                   fetch_bodies=fetch, bodies_newer_than_days=days, bodies_max_bytes=max_bytes)
+                   fetch_bodies=fetch, bodies_newer_than_days=days, bodies_max_bytes=max_bytes,
+                   maildirs={name: _path(value, path) or Path(value) for name, value in maildirs.items()},
+                   expunged_retention_days=float(retention), rescan_seconds=float(rescan))
 
     def server_tls(self) -> ssl.SSLContext | None:
         """The TLS context for ``serve`` (wss://), when [listen] names a certificate and key."""

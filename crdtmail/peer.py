@@ -17,7 +17,7 @@ import ssl as ssl_module
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import Server
@@ -79,6 +79,18 @@ class BodyPolicy:
             if envelope.date is None or envelope.date < now - self.newer_than_days * 86400:
                 return False
         return True
+
+
+class BodySource(Protocol):
+    """Somewhere besides the blob store that holds message bodies (a desktop's Maildir files)."""
+
+    def has_body(self, sha256: str) -> bool:
+        """Whether this source can give the body."""
+        ...
+
+    def read_body(self, sha256: str) -> bytes | None:
+        """The body, verified against its hash, or None when it is gone or does not match."""
+        ...
 
 
 @dataclass
@@ -276,6 +288,9 @@ class Peer:
         self.y_sessions: set[_YSession] = set()
         self.dialers: list[Dialer] = []
         self._mailboxes: dict[str, Mailbox] = {}
+        self.body_sources: list[BodySource] = []
+        # Called with each body's hash once it is stored (a desktop then delivers the message to its Maildir).
+        self.body_listeners: list[Callable[[str], None]] = []
 
     @property
     def peer_id(self) -> str:
@@ -320,16 +335,23 @@ class Peer:
         return sorted({h for h in hashes if h and not self.has_blob(h)} | set(requested))
 
     def has_blob(self, sha256: str) -> bool:
-        """Whether this peer holds a body."""
-        return self.replica.store.backend("").has_blob(sha256)
+        """Whether this peer holds a body, in its blob store or in a body source."""
+        return self.replica.store.backend("").has_blob(sha256) or any(s.has_body(sha256) for s in self.body_sources)
 
     def blob(self, sha256: str) -> bytes | None:
         """A body this peer holds, verified."""
-        return self.replica.store.backend("").get_blob(sha256)
+        data = self.replica.store.backend("").get_blob(sha256)
+        for source in self.body_sources:
+            if data is not None:
+                break
+            data = source.read_body(sha256)
+        return data
 
     def store_blob(self, sha256: str, data: bytes) -> None:
         """Keep a verified body received from a peer."""
         self.replica.store.backend("").commit(CommitBatch(blobs={sha256: data}))
+        for listener in list(self.body_listeners):
+            listener(sha256)
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
                     ssl: ssl_module.SSLContext | None = None) -> Server:

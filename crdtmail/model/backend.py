@@ -111,6 +111,10 @@ class MailboxBackend(Protocol):
         """Rows placed in any of ``folder_ids``, newest first (date, then id, descending), paged."""
         ...
 
+    def rows(self, message_ids: Sequence[str]) -> dict[str, IndexRow]:
+        """The rows of the visible messages among ``message_ids``."""
+        ...
+
     def ids_in_folder(self, folder_id: str) -> list[str]:
         """Every visible message id placed in ``folder_id``."""
         ...

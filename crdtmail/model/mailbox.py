@@ -18,6 +18,7 @@ into one commit for imports.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -626,10 +627,12 @@ class Mailbox:
         folder: str = INBOX,
         flags: Iterable[str] = (),
         redeliver: bool = False,
+        keep_body: bool = True,
     ) -> AddResult:
         """Add a message from its raw bytes into ``folder`` with ``flags``; a message already here is unchanged.
 
         An expunged message is refused with ExpungedMessageError unless ``redeliver`` says it arrived again.
+        ``keep_body=False`` leaves the body out of the blob store: a desktop serves it from its Maildir file.
         """
         parsed = raw if isinstance(raw, ParsedMessage) else parse_message(raw)
         folder_id = self.folder(folder).id
@@ -648,7 +651,8 @@ class Mailbox:
                 del shard.expunged[message_id]
             trustworthy_hint = not tombstoned and message_id not in shard.flagged_ids
             envelope = parsed.envelope
-            self._pending.blobs[envelope.body_sha256] = parsed.raw
+            if keep_body:
+                self._pending.blobs[envelope.body_sha256] = parsed.raw
             shard.messages[message_id] = envelope.to_crdt()
             shard.placement[message_id] = folder_id
             for flag in normalised:
@@ -756,6 +760,30 @@ class Mailbox:
                 del shard.messages[message_id]
             shard.expunged[message_id] = True
             self._touch(shard, message_id, self._pending.expunged)
+
+    def rows(self, message_ids: Iterable[str]) -> dict[str, IndexRow]:
+        """The derived rows of the visible messages among ``message_ids`` (absent ids are expunged or unknown).
+
+        ``folder_id`` in a row is the effective folder: a message placed in a deleted folder shows in the trash.
+        """
+        rows = self._backend.rows(list(message_ids))
+        live = {folder.id for folder in self.folders()}
+        trash = self.role_folder(TRASH)
+        return {
+            message_id: row if row.folder_id in live else dataclasses.replace(row, folder_id=trash)
+            for message_id, row in rows.items()
+        }
+
+    def index_rows(self) -> list[IndexRow]:
+        """Every visible message's derived row, with effective folders as ``rows`` gives them."""
+        live = {folder.id for folder in self.folders()}
+        trash = self.role_folder(TRASH)
+        return [row if row.folder_id in live else dataclasses.replace(row, folder_id=trash)
+                for row in self._backend.all_rows()]
+
+    def effective_folder(self, folder_id: str) -> str:
+        """The folder a message placed in ``folder_id`` shows in (the trash when that folder was deleted)."""
+        return self._effective_folder(folder_id)
 
     def is_expunged(self, message_id: str, shard_name: str) -> bool:
         """Whether the message was expunged (and not redelivered) in ``shard_name``."""

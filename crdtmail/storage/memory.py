@@ -76,6 +76,10 @@ class MemoryBackend:
         rows.sort(key=lambda row: (row.date, row.message_id), reverse=True)
         return rows[offset : offset + limit]
 
+    def rows(self, message_ids: Sequence[str]) -> dict[str, IndexRow]:
+        """The rows of the visible messages among ``message_ids``."""
+        return {m: self._rows[m] for m in message_ids if m in self._rows}
+
     def ids_in_folder(self, folder_id: str) -> list[str]:
         """Every visible id placed in the folder."""
         return [row.message_id for row in self._rows.values() if row.folder_id == folder_id]

@@ -178,6 +178,24 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise _storage_error("read", self.path, exc) from exc
 
+    def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """Run one read statement on the peer's connection (for tables other layers own, like the bridge's)."""
+        return self._query(sql, parameters)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the peer's connection, committed when the block ends, rolled back on error."""
+        try:
+            with _transaction(self._connection):
+                yield self._connection
+        except sqlite3.Error as exc:
+            raise _storage_error("write to", self.path, exc) from exc
+
+    def delete_blob(self, sha256: str) -> None:
+        """Drop a stored body (a desktop does once the body is safe in its Maildir file)."""
+        with self.transaction() as connection:
+            connection.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+
     def get_meta(self, key: str) -> str | None:
         """A value of the meta table (peer identity and the like)."""
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -374,6 +392,21 @@ class SqliteMailboxBackend:
             (self.mailbox, *folder_ids, limit, offset),
         )
         return [_row(row) for row in rows]
+
+    def rows(self, message_ids: Sequence[str]) -> dict[str, IndexRow]:
+        """The rows of the visible messages among ``message_ids``, looked up by primary key in chunks."""
+        self._settle()
+        found: dict[str, IndexRow] = {}
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._store._query(
+                "SELECT message_id, shard, folder_id, date, flags, sender, subject, size FROM rows"
+                f" WHERE mailbox = ? AND message_id IN ({marks})",
+                (self.mailbox, *chunk),
+            ):
+                found[row[0]] = _row(row)
+        return found
 
     def ids_in_folder(self, folder_id: str) -> list[str]:
         """Every visible id placed in the folder."""

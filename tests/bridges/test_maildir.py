@@ -1,0 +1,386 @@
+"""The Maildir bridge on real Maildirs in tmp_path: each change type both ways, conflicts, odd files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from crdtmail.bridges.layout import split_name
+from crdtmail.bridges.maildir import EXPUNGED_AREA, MaildirBridge
+from crdtmail.model.flags import FLAGGED, SEEN
+from crdtmail.model.mailbox import Mailbox
+from crdtmail.model.message import parse_message
+from crdtmail.replica import Replica
+from tests.conftest import make_raw
+
+
+def make_maildir(path: Path) -> Path:
+    for sub in ("cur", "new", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Desk:
+    """A desktop for tests: a Maildir, a replica and the bridge between them."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = make_maildir(base / "Maildir")
+        self.replica = Replica.init(base / "data")
+        self.box: Mailbox = self.replica.mailbox("default", create=True)
+        blobs = self.replica.store.backend("")
+        self.bridge = MaildirBridge(self.box, self.root, self.replica.store, blob=blobs.get_blob,
+                                    drop_blob=self.replica.store.delete_blob)
+
+    def deliver(self, raw: bytes, folder_dir: str = "", sub: str = "new", name: str | None = None) -> Path:
+        directory = make_maildir(self.root / folder_dir) if folder_dir else self.root
+        name = name or f"{hashlib.sha1(raw).hexdigest()[:12]}.test"
+        path = directory / sub / name
+        path.write_bytes(raw)
+        return path
+
+    def full(self) -> None:
+        self.bridge.full_pass()
+
+    def quick(self) -> None:
+        self.bridge.quick_pass()
+
+    def files(self) -> dict[str, list[tuple[str, str]]]:
+        """message id -> [(folder dir, flag letters)] for every message file (outside the expunged area)."""
+        found: dict[str, list[tuple[str, str]]] = {}
+        for folder_dir in self.bridge.folder_dirs():
+            for file in self.bridge.list_files(folder_dir):
+                raw = self.bridge.path(file).read_bytes()
+                found.setdefault(parse_message(raw).message_id, []).append((folder_dir, file.letters))
+        return found
+
+    def file_of(self, message_id: str) -> Path:
+        record = self.bridge.state.primary(message_id)
+        assert record is not None
+        return self.bridge.path(record.file)
+
+    def expunged_area_files(self) -> list[Path]:
+        area = self.root / EXPUNGED_AREA
+        return [p for p in area.rglob("*") if p.is_file()] if area.exists() else []
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Desk:
+    return Desk(tmp_path / "a")
+
+
+def only_id(desk: Desk) -> str:
+    rows = desk.box.index_rows()
+    assert len(rows) == 1
+    return rows[0].message_id
+
+
+# ----------------------------------------------------------------------------------------- Maildir -> replica
+
+
+def test_new_file_in_new_becomes_a_message_and_its_body_stays_in_the_maildir(desk: Desk) -> None:
+    raw = make_raw("fresh")
+    desk.deliver(raw)
+    desk.full()
+    message_id = only_id(desk)
+    view = desk.box.message(message_id)
+    assert view.folder_id == "inbox" and view.flags == frozenset()
+    assert desk.box.body(message_id) is None  # not copied into the blob store
+    assert desk.bridge.read_body(view.envelope.body_sha256) == raw
+
+
+def test_new_file_in_cur_with_flags(desk: Desk) -> None:
+    desk.deliver(make_raw("read"), sub="cur", name="1.a.host:2,FS")
+    desk.full()
+    assert desk.box.message(only_id(desk)).flags == {SEEN, FLAGGED}
+
+
+def test_flag_rename_in_maildir_reaches_the_replica(desk: Desk) -> None:
+    path = desk.deliver(make_raw("x"), sub="cur", name="1.b.host:2,")
+    desk.full()
+    message_id = only_id(desk)
+    path.rename(path.with_name("1.b.host:2,S"))
+    desk.bridge.quick_pass([str(path.with_name("1.b.host:2,S"))])
+    assert desk.box.message(message_id).flags == {SEEN}
+    (path.parent / "1.b.host:2,S").rename(path.parent / "1.b.host:2,")
+    desk.full()
+    assert desk.box.message(message_id).flags == frozenset()
+
+
+def test_move_between_folder_directories_reaches_the_replica(desk: Desk) -> None:
+    make_maildir(desk.root / ".Work")
+    path = desk.deliver(make_raw("y"), sub="cur", name="2.c.host:2,S")
+    desk.full()
+    message_id = only_id(desk)
+    target = desk.root / ".Work" / "cur" / path.name
+    path.rename(target)
+    desk.full()
+    assert desk.box.folder(desk.box.message(message_id).folder_id).path == "Work"
+
+
+def test_move_done_as_copy_then_delete_is_one_move(desk: Desk) -> None:
+    make_maildir(desk.root / ".Work")
+    raw = make_raw("copied")
+    path = desk.deliver(raw, sub="cur", name="3.d.host:2,S")
+    desk.full()
+    message_id = only_id(desk)
+    desk.deliver(raw, folder_dir=".Work", sub="cur", name="9.z.host:2,S")
+    desk.full()
+    path.unlink()
+    desk.full()
+    assert desk.box.folder(desk.box.message(message_id).folder_id).path == "Work"
+    assert desk.files() == {message_id: [(".Work", "S")]}
+
+
+def test_removed_file_is_expunged_and_not_brought_back(desk: Desk) -> None:
+    raw = make_raw("gone")
+    path = desk.deliver(raw)
+    desk.full()
+    message_id = only_id(desk)
+    path.unlink()
+    desk.full()
+    assert desk.box.index_rows() == []
+    assert desk.box.is_expunged(message_id, "2026-11")
+    # A backup restored into the Maildir does not resurrect it: the file goes to the expunged area.
+    desk.deliver(raw, sub="cur", name="restored:2,S")
+    desk.full()
+    assert desk.box.index_rows() == []
+    assert [p.name for p in desk.expunged_area_files()] == ["restored:2,S"]
+
+
+def test_folder_directories_created_renamed_and_removed(desk: Desk) -> None:
+    make_maildir(desk.root / ".Projects")
+    desk.full()
+    assert "Projects" in [f.path for f in desk.box.folders()]
+    folder_id = desk.box.folder("Projects").id
+    desk.deliver(make_raw("p"), folder_dir=".Projects", sub="cur", name="4.e:2,")
+    desk.full()
+    (desk.root / ".Projects").rename(desk.root / ".Plans")
+    desk.full()
+    assert desk.box.folder(folder_id).path == "Plans"
+    assert desk.box.message(only_id(desk)).folder_id == folder_id
+    make_maildir(desk.root / ".Empty")
+    desk.full()
+    for sub in ("cur", "new", "tmp"):
+        (desk.root / ".Empty" / sub).rmdir()
+    (desk.root / ".Empty").rmdir()
+    desk.full()
+    assert "Empty" not in [f.path for f in desk.box.folders()]
+
+
+def test_same_message_delivered_twice_is_one_message(desk: Desk) -> None:
+    raw = make_raw("twice")
+    desk.deliver(raw, name="first")
+    desk.deliver(raw, name="second")
+    desk.full()
+    assert len(desk.box.index_rows()) == 1
+    assert len(desk.files()[only_id(desk)]) == 2  # both files kept, nothing unlinked
+    desk.full()
+    assert len(desk.box.index_rows()) == 1
+
+
+# ----------------------------------------------------------------------------------------- replica -> Maildir
+
+
+def test_replica_flag_change_renames_the_file_keeping_foreign_tags(desk: Desk) -> None:
+    desk.deliver(make_raw("tags"), sub="cur", name="5.f.host,U=12,S=300:2,a")
+    desk.full()
+    message_id = only_id(desk)
+    desk.box.set_flags(message_id, add=[SEEN, FLAGGED])
+    desk.quick()
+    assert desk.file_of(message_id).name == "5.f.host,U=12,S=300:2,FSa"
+    desk.box.set_flags(message_id, remove=[SEEN, FLAGGED])
+    desk.quick()
+    assert desk.file_of(message_id).name == "5.f.host,U=12,S=300:2,a"
+
+
+def test_replica_flag_on_a_file_in_new_moves_it_to_cur(desk: Desk) -> None:
+    desk.deliver(make_raw("new one"), name="6.g.host")
+    desk.full()
+    message_id = only_id(desk)
+    desk.box.set_flags(message_id, add=[SEEN])
+    desk.quick()
+    path = desk.file_of(message_id)
+    assert path.parent.name == "cur" and path.name == "6.g.host:2,S"
+
+
+def test_windows_separator_is_kept(desk: Desk) -> None:
+    desk.deliver(make_raw("win"), sub="cur", name="7.h.host!2,S")
+    desk.full()
+    message_id = only_id(desk)
+    assert desk.box.message(message_id).flags == {SEEN}
+    desk.box.set_flags(message_id, add=[FLAGGED])
+    desk.quick()
+    assert desk.file_of(message_id).name == "7.h.host!2,FS"
+
+
+def test_replica_move_renames_into_the_other_folder(desk: Desk) -> None:
+    desk.deliver(make_raw("mv"), sub="cur", name="8.i:2,S")
+    desk.full()
+    message_id = only_id(desk)
+    desk.box.create_folder("Receipts/2026")
+    desk.box.move(message_id, "Receipts/2026")
+    desk.quick()
+    path = desk.file_of(message_id)
+    assert path.parent == desk.root / ".Receipts.2026" / "cur" and path.name == "8.i:2,S"
+
+
+def test_message_new_to_the_desktop_is_delivered_and_its_blob_dropped(desk: Desk) -> None:
+    raw = make_raw("from the phone")
+    result = desk.box.add(raw, flags=[SEEN])
+    desk.quick()
+    path = desk.file_of(result.message_id)
+    assert path.read_bytes() == raw and path.parent.name == "cur" and path.name.endswith(":2,S")
+    sha256 = desk.box.message(result.message_id).envelope.body_sha256
+    assert not desk.replica.store.backend("").has_blob(sha256)
+    assert desk.bridge.read_body(sha256) == raw
+    assert list((desk.root / "tmp").iterdir()) == []
+
+
+def test_replica_expunge_moves_the_file_to_the_expunged_area(desk: Desk) -> None:
+    raw = make_raw("bye")
+    desk.deliver(raw, sub="cur", name="9.j:2,S")
+    desk.full()
+    message_id = only_id(desk)
+    desk.box.expunge(message_id)
+    desk.quick()
+    assert desk.files() == {}
+    kept = desk.expunged_area_files()
+    assert len(kept) == 1 and kept[0].read_bytes() == raw
+    desk.full()  # and a rescan does not bring it back
+    assert desk.box.index_rows() == [] and desk.files() == {}
+
+
+def test_replica_folder_rename_and_delete(desk: Desk) -> None:
+    desk.box.create_folder("Old")
+    desk.quick()
+    assert (desk.root / ".Old" / "cur").is_dir()
+    desk.box.rename_folder("Old", "New")
+    desk.quick()
+    assert (desk.root / ".New" / "cur").is_dir() and not (desk.root / ".Old").exists()
+    desk.box.delete_folder("New")
+    desk.full()
+    assert not (desk.root / ".New").exists()
+
+
+def test_message_in_deleted_folder_moves_to_trash_directory(desk: Desk) -> None:
+    desk.deliver(make_raw("orphan"), folder_dir=".Tmpf", sub="cur", name="10.k:2,")
+    desk.full()
+    message_id = only_id(desk)
+    desk.box.delete_folder("Tmpf", move_to_trash=True)
+    desk.full()
+    assert desk.files() == {message_id: [(".Trash", "")]}
+
+
+# ------------------------------------------------------------------------------------------ concurrent edits
+
+
+def exchange(a: Mailbox, b: Mailbox) -> None:
+    """Bring two replicas' documents in step both ways (what a sync session does)."""
+    for _ in range(2):
+        for source, target in ((a, b), (b, a)):
+            for name in source.document_names():
+                update = source.encode_document(name, target.document_state_vector(name))
+                target.apply_update(name, update, origin="peer", check_causality=False)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Desk, Mailbox, str]:
+    """A desktop with one message in cur/ and a second replica (a phone) in step with it."""
+    desk = Desk(tmp_path / "desk")
+    make_maildir(desk.root / ".Work")
+    make_maildir(desk.root / ".Home")
+    desk.deliver(make_raw("shared"), sub="cur", name="11.l:2,")
+    desk.full()
+    phone = Replica.init(tmp_path / "phone").mailbox("default", create=True)
+    exchange(desk.box, phone)
+    desk.quick()
+    return desk, phone, only_id(desk)
+
+
+def test_flag_vs_flag_both_apply(pair: tuple[Desk, Mailbox, str]) -> None:
+    desk, phone, message_id = pair
+    path = desk.file_of(message_id)
+    path.rename(path.with_name("11.l:2,S"))
+    phone.set_flags(message_id, add=[FLAGGED])
+    desk.full()
+    exchange(desk.box, phone)
+    desk.quick()
+    assert desk.box.message(message_id).flags == phone.message(message_id).flags == {SEEN, FLAGGED}
+    assert desk.files() == {message_id: [("", "FS")]}
+
+
+def test_move_vs_move_converges_to_one_folder_and_one_file(pair: tuple[Desk, Mailbox, str]) -> None:
+    desk, phone, message_id = pair
+    path = desk.file_of(message_id)
+    path.rename(desk.root / ".Work" / "cur" / path.name)
+    phone.move(message_id, "Home")
+    desk.full()
+    exchange(desk.box, phone)
+    desk.quick()
+    winner = desk.box.message(message_id).folder_id
+    assert winner == phone.message(message_id).folder_id
+    files = desk.files()[message_id]
+    assert len(files) == 1
+    assert desk.box.folder(winner).path == {".Work": "Work", ".Home": "Home"}[files[0][0]]
+
+
+@pytest.mark.parametrize("maildir_change", ["move", "flag"])
+def test_expunge_wins_over_a_concurrent_maildir_change(pair: tuple[Desk, Mailbox, str], maildir_change: str) -> None:
+    desk, phone, message_id = pair
+    path = desk.file_of(message_id)
+    if maildir_change == "move":
+        path.rename(desk.root / ".Work" / "cur" / path.name)
+    else:
+        path.rename(path.with_name("11.l:2,F"))
+    phone.expunge(message_id)
+    desk.full()
+    exchange(desk.box, phone)
+    desk.quick()
+    assert desk.box.index_rows() == [] and phone.index_rows() == []
+    assert desk.files() == {}
+    assert len(desk.expunged_area_files()) == 1
+
+
+def test_flag_vs_expunge_from_the_maildir_side(pair: tuple[Desk, Mailbox, str]) -> None:
+    desk, phone, message_id = pair
+    desk.file_of(message_id).unlink()
+    phone.set_flags(message_id, add=[SEEN])
+    desk.full()
+    exchange(desk.box, phone)
+    desk.quick()
+    assert desk.box.index_rows() == [] and phone.index_rows() == []
+
+
+# ------------------------------------------------------------------------------------------------ odd Maildirs
+
+
+def test_odd_maildir_is_handled_and_nothing_is_lost(desk: Desk, caplog: pytest.LogCaptureFixture) -> None:
+    plain = desk.deliver(make_raw("no info"), sub="cur", name="12.m.host")
+    desk.deliver(make_raw("unknown letters"), sub="cur", name="13.n.host:2,SXyz")
+    desk.deliver(b"not a message at all", sub="cur", name=".hidden")
+    (desk.root / "tmp" / "half-written").write_bytes(b"From: x\r\n")
+    odd_name = os.fsencode(str(desk.root / "cur")) + b"/14.o.\xff\xfe:2,S"
+    with open(odd_name, "wb") as handle:
+        handle.write(make_raw("non utf-8 name"))
+    os.symlink(desk.root / "nowhere", desk.root / "cur" / "15.dangling:2,S")
+    os.mkfifo(desk.root / "cur" / "16.fifo:2,")
+    desk.full()
+    subjects = {r.subject: r.flags for r in desk.box.index_rows()}
+    assert subjects == {"no info": (), "unknown letters": (SEEN,), "non utf-8 name": (SEEN,)}
+    assert "15.dangling" in caplog.text and "16.fifo" in caplog.text
+    message_id = next(r.message_id for r in desk.box.index_rows() if r.subject == "unknown letters")
+    desk.box.set_flags(message_id, add=[FLAGGED])
+    desk.quick()
+    assert split_name(desk.file_of(message_id).name)[1] == "FSXyz"
+    odd_id = next(r.message_id for r in desk.box.index_rows() if r.subject == "non utf-8 name")
+    desk.box.set_flags(odd_id, add=[FLAGGED])
+    desk.quick()
+    assert os.fsencode(desk.file_of(odd_id).name).endswith(b"\xff\xfe:2,FS")
+    # Everything is still on disk, the odd and the unreadable included; a rescan changes nothing and logs nothing new.
+    assert plain.exists() and (desk.root / "cur" / ".hidden").exists() and (desk.root / "tmp" / "half-written").exists()
+    caplog.clear()
+    desk.full()
+    assert "16.fifo" not in caplog.text
