@@ -16,6 +16,7 @@ import signal
 import ssl as ssl_module
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from crdtmail.peer import Peer
 from crdtmail.replica import Replica
 
 log = logging.getLogger("crdtmail.desktop")
+# watchdog warns when it re-adds a watch for a directory it already watches (a folder renamed back and forth).
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 STATUS_FILE = "status.json"
 DEBOUNCE_SECONDS = 0.003  # a mail client renames several files in a burst: take them in one pass
@@ -42,9 +45,10 @@ CONFIRM_GONE_SECONDS = 0.5  # a vanished file is looked for everywhere after thi
 class _Watch(FileSystemEventHandler):
     """Hands file events from watchdog's thread to the event loop, as paths."""
 
-    def __init__(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, lane: _Lane, loop: asyncio.AbstractEventLoop, root: Path) -> None:
         self.lane = lane
         self.loop = loop
+        self.prefix = str(root).rstrip("/") + "/"
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed", "closed_no_write"):
@@ -53,7 +57,7 @@ class _Watch(FileSystemEventHandler):
         dest = getattr(event, "dest_path", "")
         if dest:
             paths.append(_text(dest))
-        if any(f"/{EXPUNGED_AREA}/" in p or "/tmp/" in p or p.endswith("/tmp") for p in paths):
+        if all(self._ignored(p) for p in paths):
             return
         if event.is_directory:
             if event.event_type == "modified":
@@ -61,6 +65,12 @@ class _Watch(FileSystemEventHandler):
             self.loop.call_soon_threadsafe(self.lane.folder_event)
             return
         self.loop.call_soon_threadsafe(self.lane.file_event, paths)
+
+
+    def _ignored(self, path: str) -> bool:
+        """Deliveries in progress (tmp/) and the expunged area are not mail to look at."""
+        parts = path[len(self.prefix):].split("/") if path.startswith(self.prefix) else []
+        return not parts or parts[0] == EXPUNGED_AREA or "tmp" in parts[:2]
 
 
 def _text(path: str | bytes) -> str:
@@ -145,7 +155,7 @@ class DesktopPeer:
         loop = asyncio.get_running_loop()
         observer = Observer()
         for name, lane in self.lanes.items():
-            observer.schedule(_Watch(lane, loop), str(self.maildirs[name]), recursive=True)
+            observer.schedule(_Watch(lane, loop, self.maildirs[name]), str(self.maildirs[name]), recursive=True)
         observer.start()
         bind_host = host or config.listen_host
         bind_port = config.listen_port if port is None else port
