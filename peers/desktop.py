@@ -131,7 +131,7 @@ class DesktopPeer:
         for name, root in self.maildirs.items():
             mailbox = self.peer.mailbox(name)
             bridge = MaildirBridge(mailbox, root, self.replica.store, retention_days=self.retention_days,
-                                   blob=self._blobs.get_blob, drop_blob=self.replica.store.delete_blob)
+                                   blob=self._blobs.get_blob, drop_blobs=self.replica.store.delete_blobs)
             self.peer.body_sources.append(bridge)
             self.peer.body_listeners.append(bridge.body_arrived)
             lane = _Lane(bridge)

@@ -62,6 +62,7 @@ EXPUNGED_AREA = "crdtmail-expunged"  # no leading dot: Maildir++ readers do not 
 DEFAULT_RETENTION_DAYS = 30.0
 EXIT_AT_ENV = "CRDTMAIL_BRIDGE_EXIT_AT"  # test hook: the process exits at this step number (see _step)
 _COMMIT_EVERY = 2000
+_DELIVER_EVERY = 500
 
 
 @dataclass
@@ -123,13 +124,13 @@ class MaildirBridge:
     def __init__(self, mailbox: Mailbox, root: Path, store: SqliteStore, *,
                  retention_days: float = DEFAULT_RETENTION_DAYS,
                  blob: Callable[[str], bytes | None] | None = None,
-                 drop_blob: Callable[[str], None] | None = None) -> None:
+                 drop_blobs: Callable[[list[str]], None] | None = None) -> None:
         self.mailbox = mailbox
         self.root = root
         self.state = BridgeState(store, mailbox.name)
         self.retention_days = retention_days
         self._blob = blob or (lambda sha256: None)
-        self._drop_blob = drop_blob or (lambda sha256: None)
+        self._drop_blobs = drop_blobs or (lambda hashes: None)
         self._step = _ExitHook()
         self._applying = 0  # our own replica changes are not news to us (a depth: operations nest)
         self.dirty_messages: set[str] = set()
@@ -669,40 +670,61 @@ class MaildirBridge:
     # ------------------------------------------------------------------------------------------- deliveries
 
     def _deliver(self, rows: list[IndexRow], report: PassReport) -> None:
-        """Write messages new to this desktop into the Maildir: tmp/, fsync, rename into new/ or cur/."""
+        """Write messages new to this desktop into the Maildir: tmp/, fsync, rename into new/ or cur/.
+
+        Deliveries go in groups: one journal transaction, the files, one directory fsync per folder, one state
+        transaction; the bodies then leave the blob store, as the Maildir holds them now.
+        """
+        ready: list[tuple[IndexRow, str, bytes]] = []
         for row in rows:
-            message_id = row.message_id
             try:
-                envelope = self.mailbox.message(message_id).envelope
+                envelope = self.mailbox.message(row.message_id).envelope
             except ModelError:
                 continue
             sha256 = envelope.body_sha256
             body = self._blob(sha256) if sha256 else None
             if body is None:
-                self.waiting_bodies[sha256] = message_id
+                self.waiting_bodies[sha256] = row.message_id
                 report.waiting_for_bodies += 1
                 continue
             self.waiting_bodies.pop(sha256, None)
+            ready.append((row, sha256, body))
+            if len(ready) >= _DELIVER_EVERY:
+                self._deliver_group(ready, report)
+                ready = []
+        if ready:
+            self._deliver_group(ready, report)
+
+    def _deliver_group(self, group: list[tuple[IndexRow, str, bytes]], report: PassReport) -> None:
+        planned: list[tuple[IndexRow, str, bytes, Path, MaildirFile, str]] = []
+        for row, sha256, body in group:
             folder_dir = self._dir_for_folder(row.folder_id)
             letters = letters_for_flags(row.flags)
             unique = new_unique_name()
             final = MaildirFile(folder_dir, "cur", f"{unique}:2,{letters}") if letters else MaildirFile(
                 folder_dir, "new", unique)
-            temporary = Path(folder_dir) / "tmp" / unique
-            entry = self.state.journal({"op": "deliver", "from": journal_path(str(temporary)),
-                                        "to": journal_path(final.relative()), "sha256": sha256})
-            self._step("journal before delivery")
-            (self.root / folder_dir / "tmp").mkdir(parents=True, exist_ok=True)
+            planned.append((row, sha256, body, Path(folder_dir) / "tmp" / unique, final, letters))
+        entries = self.state.journal_many([
+            {"op": "deliver", "from": journal_path(str(temporary)), "to": journal_path(final.relative()),
+             "sha256": sha256} for _, sha256, _, temporary, final, _ in planned])
+        self._step("journal before delivery")
+        directories: set[Path] = set()
+        for _, _, body, temporary, _final, _ in planned:
+            (self.root / temporary).parent.mkdir(parents=True, exist_ok=True)
             _write_durably(self.root / temporary, body)
-            self._step("delivery written to tmp")
+        self._step("delivery written to tmp")
+        for _, _, _, temporary, final, _ in planned:
             os.rename(self.root / temporary, self.path(final))
-            _fsync_dir(self.path(final).parent)
-            self._step("delivery renamed into place")
-            record = FileRecord(final.uid, message_id, row.folder_id, final, letters, sha256)
-            self.state.save(put=[record], done_journal=entry)
-            self._step("state after delivery")
-            self._drop_blob(sha256)
-            report.delivered += 1
+            directories.add(self.path(final).parent)
+        for directory in directories:
+            _fsync_dir(directory)
+        self._step("delivery renamed into place")
+        records = [FileRecord(final.uid, row.message_id, row.folder_id, final, letters, sha256)
+                   for row, sha256, _, _, final, letters in planned]
+        self.state.save(put=records, done_journal=entries)
+        self._step("state after delivery")
+        self._drop_blobs([sha256 for _, sha256, _, _, _, _ in planned])
+        report.delivered += len(planned)
 
     # --------------------------------------------------------------------------------------- expunged area
 

@@ -131,8 +131,8 @@ class BridgeState:
 
     # ----------------------------------------------------------------------------------------------- writes
 
-    def save(self, put: Iterable[FileRecord] = (), delete: Iterable[str] = (), *, done_journal: int | None = None,
-             folders: dict[str, str | None] | None = None) -> None:
+    def save(self, put: Iterable[FileRecord] = (), delete: Iterable[str] = (), *,
+             done_journal: int | Iterable[int] | None = None, folders: dict[str, str | None] | None = None) -> None:
         """Record and forget files (and folder mappings; None forgets one) and close a journal entry, atomically."""
         put = list(put)
         delete = [uid for uid in delete if uid in self.records]
@@ -156,7 +156,8 @@ class BridgeState:
                         "INSERT OR REPLACE INTO bridge_folders (mailbox, folder_dir, folder_id) VALUES (?, ?, ?)",
                         (self.mailbox, os.fsencode(folder_dir), folder_id))
             if done_journal is not None:
-                connection.execute("DELETE FROM bridge_journal WHERE id = ?", (done_journal,))
+                done = [done_journal] if isinstance(done_journal, int) else list(done_journal)
+                connection.executemany("DELETE FROM bridge_journal WHERE id = ?", [(entry,) for entry in done])
         for uid in delete:
             record = self.records.get(uid)
             if record is not None:
@@ -171,10 +172,17 @@ class BridgeState:
 
     def journal(self, entry: dict[str, Any]) -> int:
         """Write down a file operation before doing it; returns the entry's id for ``save(done_journal=...)``."""
+        return self.journal_many([entry])[0]
+
+    def journal_many(self, entries: list[dict[str, Any]]) -> list[int]:
+        """Write down several file operations in one transaction; returns their ids."""
+        ids = []
         with self.store.transaction() as connection:
-            cursor = connection.execute("INSERT INTO bridge_journal (mailbox, entry) VALUES (?, ?)",
-                                        (self.mailbox, orjson.dumps(entry).decode()))
-        return int(cursor.lastrowid or 0)
+            for entry in entries:
+                cursor = connection.execute("INSERT INTO bridge_journal (mailbox, entry) VALUES (?, ?)",
+                                            (self.mailbox, orjson.dumps(entry).decode()))
+                ids.append(int(cursor.lastrowid or 0))
+        return ids
 
     def open_journal(self) -> list[tuple[int, dict[str, Any]]]:
         """Operations begun and not finished (the process stopped in between), oldest first."""

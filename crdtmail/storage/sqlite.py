@@ -191,10 +191,10 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise _storage_error("write to", self.path, exc) from exc
 
-    def delete_blob(self, sha256: str) -> None:
-        """Drop a stored body (a desktop does once the body is safe in its Maildir file)."""
+    def delete_blobs(self, hashes: Sequence[str]) -> None:
+        """Drop stored bodies (a desktop does once they are safe in its Maildir files)."""
         with self.transaction() as connection:
-            connection.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+            connection.executemany("DELETE FROM blobs WHERE sha256 = ?", [(sha256,) for sha256 in hashes])
 
     def get_meta(self, key: str) -> str | None:
         """A value of the meta table (peer identity and the like)."""

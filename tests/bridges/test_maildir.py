@@ -32,7 +32,7 @@ class Desk:
         self.box: Mailbox = self.replica.mailbox("default", create=True)
         blobs = self.replica.store.backend("")
         self.bridge = MaildirBridge(self.box, self.root, self.replica.store, blob=blobs.get_blob,
-                                    drop_blob=self.replica.store.delete_blob)
+                                    drop_blobs=self.replica.store.delete_blobs)
 
     def deliver(self, raw: bytes, folder_dir: str = "", sub: str = "new", name: str | None = None) -> Path:
         directory = make_maildir(self.root / folder_dir) if folder_dir else self.root

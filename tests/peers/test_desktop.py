@@ -122,7 +122,7 @@ def test_two_desktops_converge_after_random_changes_on_both_maildirs(tmp_path: P
         a, replica_a, task_a = await start_desktop(tmp_path / "a", stop, [])
         token = a.peer.registry.pair("b", ["default"])
         url = f"ws://127.0.0.1:{a.port}/sync"
-        b, replica_b, task_b = await start_desktop(tmp_path / "b", stop, [RemotePeer(url, token, ("default",), None)])
+        _b, replica_b, task_b = await start_desktop(tmp_path / "b", stop, [RemotePeer(url, token, ("default",), None)])
         try:
             assert await wait_for(lambda: len(maildir_view(root_b)) == len(maildir_view(root_a)) > 0, 60)
             clients = [MailClient(root_a, 1), MailClient(root_b, 2)]
