@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import import_bench, sync_bench
+from bench import desktop_bench, import_bench, sync_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     import_bench.add_arguments(p)
     p = sub.add_parser("sync", help="one-hop latency of a flag change between two peer processes, beside the floor")
     sync_bench.add_arguments(p)
+    p = sub.add_parser("desktop", help="Maildir mirror, rescan, two desktop peers, rename latency A -> B")
+    desktop_bench.add_arguments(p)
     args = parser.parse_args(argv)
+    if args.scenario == "desktop":
+        return desktop_bench.run(args)
     if args.scenario == "sync":
         return sync_bench.run(args)
     if args.scenario in (None, "import"):
