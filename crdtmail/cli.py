@@ -26,7 +26,7 @@ import orjson
 
 from crdtmail import __version__
 from crdtmail.auth import DeviceRegistry
-from crdtmail.bridges.state import read_meta
+from crdtmail.bridges.state import body_from_maildir, read_meta
 from crdtmail.config import Config, RemotePeer, resolve_data_dir
 from crdtmail.errors import ConfigError, CrdtmailError, ModelError
 from crdtmail.model.backend import IndexRow
@@ -226,6 +226,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         mailbox = replica.mailbox(args.mailbox)
         message = mailbox.message(mailbox.resolve(args.id))
         body = mailbox.body(message.id)
+        if body is None:  # a desktop keeps bodies in its Maildir files
+            body = body_from_maildir(replica.store, mailbox.name, message.envelope.body_sha256)
         missing = "the body is not stored on this peer"
         if body is None and replica.config.peers:
             # Fetched on demand: a phone keeps only recent bodies, and asks a peer that has the rest.

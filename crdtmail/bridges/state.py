@@ -8,6 +8,7 @@ change after it, so a process killed in between finishes the operation on restar
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS bridge_files (
     is_primary INTEGER NOT NULL,
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS bridge_files_by_sha ON bridge_files (sha256);
 CREATE TABLE IF NOT EXISTS bridge_folders (
     mailbox TEXT NOT NULL,
     folder_dir BLOB NOT NULL,
@@ -211,6 +213,25 @@ def journal_path(path: str) -> str:
 def path_from_journal(text: str) -> str:
     """The path ``journal_path`` wrote."""
     return os.fsdecode(text.encode("latin-1"))
+
+
+def body_from_maildir(store: SqliteStore, mailbox: str, sha256: str) -> bytes | None:
+    """A body from the Maildir file the bridge recorded for it, verified; None when there is none (or it changed)."""
+    meta = read_meta(store, mailbox)
+    if not meta.get("maildir") or not sha256:
+        return None
+    rows = store.query("SELECT folder_dir, sub, name FROM bridge_files WHERE mailbox = ? AND sha256 = ?",
+                       (mailbox, sha256))
+    for folder_dir, sub, name in rows:
+        path = os.path.join(str(meta["maildir"]), _name(folder_dir), sub, _name(name))
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return data
+    return None
 
 
 def read_meta(store: SqliteStore, mailbox: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Maildir underneath, and the command line runs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -228,6 +229,12 @@ def test_desktop_command_once_and_status(tmp_path: Path) -> None:
     status = subprocess.run([sys.executable, "-m", "crdtmail.cli", "status"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "maildir bridge default" in status.stdout and "30 files" in status.stdout
+    listing = subprocess.run([sys.executable, "-m", "crdtmail.cli", "ls", "--json", "--limit", "1"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=60)
+    message_id = json.loads(listing.stdout)["messages"][0]["id"]
+    shown = subprocess.run([sys.executable, "-m", "crdtmail.cli", "show", message_id, "--raw"], cwd=ROOT, env=env,
+                           capture_output=True, timeout=60)
+    assert shown.returncode == 0 and parse_message(shown.stdout).message_id == message_id  # from the Maildir file
     bad = subprocess.run([sys.executable, "-m", "crdtmail.cli", "desktop", "--maildir", str(tmp_path / "nope"),
                           "--once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "not a Maildir" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
