@@ -246,21 +246,26 @@ def test_desktop_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "CRDTMAIL_DATA_DIR": str(tmp_path / "data")}
     process = subprocess.Popen([sys.executable, "-m", "crdtmail.cli", "desktop", "--maildir", str(root), "--port",
                                 "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    first = process.stdout.readline()
-    assert "0 files" in first
-    assert "listening on ws://127.0.0.1:" in process.stdout.readline()
-    (root / "new" / "1.x.host").write_bytes(make_raw("while running"))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        status = subprocess.run([sys.executable, "-m", "crdtmail.cli", "ls", "--json"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=30)
-        if "while running" in status.stdout:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the new file never reached the replica")
-    process.terminate()
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert "0 files" in first
+        assert "listening on ws://127.0.0.1:" in process.stdout.readline()
+        (root / "new" / "1.x.host").write_bytes(make_raw("while running"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = subprocess.run([sys.executable, "-m", "crdtmail.cli", "ls", "--json"], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=30)
+            if "while running" in status.stdout:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the new file never reached the replica")
+        process.terminate()
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert "stopped" in out
