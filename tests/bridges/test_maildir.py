@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 from pathlib import Path
@@ -384,3 +385,29 @@ def test_odd_maildir_is_handled_and_nothing_is_lost(desk: Desk, caplog: pytest.L
     caplog.clear()
     desk.full()
     assert "16.fifo" not in caplog.text
+
+
+def test_file_renamed_by_another_program_while_the_bridge_renames_it_is_found_again(desk: Desk) -> None:
+    desk.deliver(make_raw("raced"), sub="cur", name="17.r.host:2,")
+    desk.full()
+    message_id = only_id(desk)
+    path = desk.file_of(message_id)
+    # The mail client marks it read at the moment a flag arrives from the phone: the bridge's rename misses.
+    path.rename(path.with_name("17.r.host:2,S"))
+    desk.box.set_flags(message_id, add=[FLAGGED])
+    report, needs_full = desk.bridge.quick_pass()
+    assert needs_full and report.renamed == 0
+    desk.full()
+    assert desk.box.message(message_id).flags == {SEEN, FLAGGED}
+    assert desk.files() == {message_id: [("", "FS")]}
+
+
+def test_expunged_area_older_than_the_retention_is_purged(desk: Desk) -> None:
+    old = desk.root / EXPUNGED_AREA / "2001-01-01" / "INBOX"
+    old.mkdir(parents=True)
+    (old / "1.x:2,S").write_bytes(make_raw("ancient"))
+    recent = desk.root / EXPUNGED_AREA / dt.datetime.now(dt.UTC).strftime("%Y-%m-%d") / "INBOX"
+    recent.mkdir(parents=True)
+    (recent / "2.x:2,S").write_bytes(make_raw("recent"))
+    desk.full()
+    assert not old.exists() and (recent / "2.x:2,S").exists()
