@@ -206,7 +206,7 @@ class _Session:
             self.flush()
 
     def want_bodies(self, hashes: Iterable[str]) -> None:
-        wanted = [h for h in hashes if h and h not in self.connection.wanted_blobs]
+        wanted = [h for h in hashes if h and not self.connection.is_wanted(h)]
         if wanted and self.connection.is_open:
             self.connection.want_blobs(wanted)
             self.flush()

@@ -215,7 +215,7 @@ class DesktopPeer:
                     lane.paths.clear()
                     lane.folders_changed = False
                     lane.full_due = None
-                    report = bridge.full_pass()
+                    report = bridge.full_pass(compare_replica=False)
                     next_full = time.monotonic() + self.rescan_seconds
                     if report.changed():
                         log.info("maildir %s: full pass over %d files in %.2fs: %s", name, report.files_seen,

@@ -27,14 +27,17 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import queue
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from crdtmail.bridges.layout import (
     ROOT_DIR,
@@ -52,7 +55,7 @@ from crdtmail.errors import CrdtmailError, ExpungedMessageError, MessageParseErr
 from crdtmail.importer import _describe_os_error, _read_file, _show
 from crdtmail.model.backend import IndexRow
 from crdtmail.model.mailbox import INBOX, LOCAL, Mailbox, MailboxChange
-from crdtmail.model.message import ParsedMessage, parse_message
+from crdtmail.model.message import Envelope, ParsedMessage, parse_message
 from crdtmail.replica import ROLE_ALIASES
 from crdtmail.storage.sqlite import SqliteStore
 
@@ -63,6 +66,8 @@ DEFAULT_RETENTION_DAYS = 30.0
 EXIT_AT_ENV = "CRDTMAIL_BRIDGE_EXIT_AT"  # test hook: the process exits at this step number (see _step)
 _COMMIT_EVERY = 2000
 _DELIVER_EVERY = 500
+_WORKER_THRESHOLD = 2000  # new files from which reading and parsing move to a worker process
+_WORKER_CHUNK = 256
 
 
 @dataclass
@@ -127,6 +132,7 @@ class MaildirBridge:
                  drop_blobs: Callable[[list[str]], None] | None = None) -> None:
         self.mailbox = mailbox
         self.root = root
+        self._root_text = str(root)
         self.state = BridgeState(store, mailbox.name)
         self.retention_days = retention_days
         self._blob = blob or (lambda sha256: None)
@@ -145,7 +151,11 @@ class MaildirBridge:
 
     def path(self, file: MaildirFile) -> Path:
         """The absolute path of a Maildir file."""
-        return self.root / file.folder_dir / file.sub / file.name
+        return Path(self.path_text(file))
+
+    def path_text(self, file: MaildirFile) -> str:
+        """The absolute path of a Maildir file, as text (cheaper than a Path where many are made)."""
+        return os.path.join(self._root_text, file.folder_dir, file.sub, file.name)
 
     @contextlib.contextmanager
     def _replica_ops(self) -> Iterator[None]:
@@ -261,8 +271,13 @@ class MaildirBridge:
             # The state is brought up to date by the pass that follows, from what is on disk now.
             self.state.save(done_journal=entry_id)
 
-    def full_pass(self) -> PassReport:
-        """Compare the whole Maildir, the whole replica and the state; write each side's changes to the other."""
+    def full_pass(self, *, compare_replica: bool = True) -> PassReport:
+        """Compare the whole Maildir, the replica and the state; write each side's changes to the other.
+
+        ``compare_replica=False`` (the periodic rescan of a running peer, whose observer already tracks every
+        replica change) compares only the Maildir's names with the state: listings and names, no replica rows
+        beyond those of the files that changed.
+        """
         started = time.perf_counter()
         report = PassReport()
         self.recover()
@@ -273,10 +288,21 @@ class MaildirBridge:
             for file in self.list_files(folder_dir):
                 seen.setdefault(file.uid, file)
         report.files_seen = len(seen)
+        dirty = set(self.dirty_messages)
         self.dirty_messages.clear()
-        rows = {row.message_id: row for row in self.mailbox.index_rows()}
+        records = self.state.records
+        if compare_replica:
+            rows = {row.message_id: row for row in self.mailbox.index_rows()}
+        else:
+            changed = {uid for uid, file in seen.items() if uid in records and records[uid].file != file}
+            gone = {uid for uid in records if uid not in seen}
+            dirty |= {records[uid].message_id for uid in changed | gone}
+            seen_known = {uid: file for uid, file in seen.items()
+                          if uid not in records or uid in changed or records[uid].message_id in dirty}
+            rows = self.mailbox.rows(dirty)
         # A directory that could not be listed must not make its files look removed.
-        self._reconcile_files(seen, rows, report, complete=not self._listing_failed)
+        self._reconcile_files(seen, rows, report, complete=not self._listing_failed,
+                              only=None if compare_replica else seen_known)
         missing = [row for message_id, row in rows.items() if self.state.primary(message_id) is None]
         self._deliver(missing, report)
         self._finish_folders(vanished_dirs, report)
@@ -452,11 +478,13 @@ class MaildirBridge:
     # ------------------------------------------------------------------------------------------------ files
 
     def _reconcile_files(self, seen: dict[str, MaildirFile], rows: dict[str, IndexRow], report: PassReport, *,
-                         complete: bool) -> None:
-        """Three-way compare every seen file (and, when the listing is ``complete``, every vanished one)."""
+                         complete: bool, only: dict[str, MaildirFile] | None = None) -> None:
+        """Three-way compare every seen file (or those in ``only``: the rest are known unchanged), and, when the
+        listing is ``complete``, every vanished one."""
         state = self.state
-        known = [(state.records[uid], file) for uid, file in seen.items() if uid in state.records]
-        new_files = [file for uid, file in seen.items() if uid not in state.records]
+        candidates = seen if only is None else only
+        known = [(state.records[uid], file) for uid, file in candidates.items() if uid in state.records]
+        new_files = [file for uid, file in candidates.items() if uid not in state.records]
         with self._replica_ops():
             for record, file in known:
                 if record.uid not in state.records:
@@ -467,7 +495,7 @@ class MaildirBridge:
                 elif record.file != file:
                     state.save(put=[replace(record, file=file)])
             if new_files:
-                self._take_new_files(new_files, seen, rows, report, rows_complete=complete)
+                self._take_new_files(new_files, seen, rows, report, rows_complete=complete and only is None)
             if complete:
                 gone = [record for uid, record in list(state.records.items()) if uid not in seen]
                 for record in gone:
@@ -480,14 +508,9 @@ class MaildirBridge:
         this bridge had delivered before a crash."""
         pending: dict[str, FileRecord] = {}  # by uid, added to the replica and not yet in the state
         taken: dict[str, str] = {}  # message id -> uid of its pending primary
-        for file, result in _read_ahead(self, files):
-            if not isinstance(result, bytes):
-                self._problem(f"{_show(self.path(file))}: {result}", file)
-                continue
-            try:
-                parsed = parse_message(result)
-            except MessageParseError as exc:
-                self._problem(f"{_show(self.path(file))}: {exc}", file)
+        for file, parsed in _parsed_files(self, files):
+            if isinstance(parsed, str):
+                self._problem(f"{_show(self.path(file))}: {parsed}", file)
                 continue
             message_id = parsed.message_id
             if message_id in taken:
@@ -566,6 +589,9 @@ class MaildirBridge:
                 current = file if copy.uid == record.uid else copy.file
                 self._expunge_file(copy, current, report)
             return
+        if (file == record.file and row.folder_id == record.folder_id == self.state.folders.get(file.folder_dir)
+                and file.letters == record.letters == letters_for_flags(row.flags)):
+            return  # nothing changed on either side since the last sync
         flags = set(row.flags)
         changed_replica = False
         if file.letters != record.letters:
@@ -770,45 +796,68 @@ class MaildirBridge:
             self.last_report.problems.append(text)
 
 
-def _read_ahead(bridge: MaildirBridge, files: list[MaildirFile]) -> Iterator[tuple[MaildirFile, bytes | str]]:
-    """Read files on a helper thread (reads release the GIL) while the caller parses and adds."""
-    done = object()
-    ahead: queue.Queue[object] = queue.Queue(maxsize=256)
-    stop = threading.Event()
+def _read_and_parse(paths: list[str]) -> list[ParsedMessage | str]:
+    """Read and parse files (in a worker process): each gives a ParsedMessage without its raw bytes, or why not.
 
-    def read() -> None:
-        try:
-            for file in files:
-                if stop.is_set():
-                    return
-                path = str(bridge.path(file))
-                result = _read_file(path)
-                item: tuple[MaildirFile, bytes | str] = (
-                    file, result if isinstance(result, bytes | str) else _describe_os_error(path, result))
-                while not stop.is_set():
-                    try:
-                        ahead.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        finally:
-            ahead.put(done)
-
-    reader = threading.Thread(target=read, name="crdtmail-bridge-reader", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = ahead.get()
-            if item is done:
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        while reader.is_alive():
+    The bytes stay in the worker: a desktop keeps bodies in the Maildir, so only the envelope crosses over.
+    """
+    results: list[ParsedMessage | str] = []
+    for path in paths:
+        raw = _read_file(path)
+        if isinstance(raw, OSError):
+            results.append(_describe_os_error(path, raw))
+        elif isinstance(raw, str):
+            results.append(raw)
+        else:
             try:
-                ahead.get_nowait()
-            except queue.Empty:
-                reader.join(0.05)
+                results.append(replace(parse_message(raw), raw=b""))
+            except MessageParseError as exc:
+                results.append(str(exc))
+    return results
+
+
+def _parsed_files(bridge: MaildirBridge, files: list[MaildirFile]) -> Iterator[tuple[MaildirFile, ParsedMessage | str]]:
+    """Each file parsed, in order. Many files (a first mirror) are read and parsed by a worker process on the
+    other core while this one adds them to the replica; a few are read here, where no hand-off costs more."""
+    paths = [bridge.path_text(file) for file in files]
+    if len(files) < _WORKER_THRESHOLD:
+        for file, result in zip(files, _read_and_parse(paths), strict=True):
+            yield file, result
+        return
+    worker = subprocess.Popen([sys.executable, "-m", "crdtmail.bridges.parse_worker"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    assert worker.stdin is not None and worker.stdout is not None
+    feed_error: list[BaseException] = []
+
+    def feed() -> None:
+        assert worker.stdin is not None
+        try:
+            for start in range(0, len(paths), _WORKER_CHUNK):
+                worker.stdin.write(b"".join(orjson.dumps(os.fsencode(path).decode("latin-1")) + b"\n"
+                                            for path in paths[start : start + _WORKER_CHUNK]))
+            worker.stdin.close()
+        except (OSError, ValueError) as exc:  # the worker died: reported below
+            feed_error.append(exc)
+
+    feeder = threading.Thread(target=feed, name="crdtmail-bridge-feeder", daemon=True)
+    feeder.start()
+    try:
+        for file in files:
+            line = worker.stdout.readline()
+            if not line:
+                raise CrdtmailError(f"the bridge's parser process stopped early (exit {worker.poll()}); "
+                                    "the next pass retries")
+            result = orjson.loads(line)
+            if "error" in result:
+                yield file, str(result["error"])
+            else:
+                yield file, ParsedMessage(result["id"], result["shard"], Envelope.from_crdt(result["envelope"]), b"")
+    finally:
+        worker.stdout.close()
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+        feeder.join(5)
 
 
 def _is_maildir(path: str) -> bool:

@@ -355,6 +355,7 @@ class SyncConnection:
         # Blobs this side asked for: sent on the wire and waiting for an answer, and queued behind the window.
         self._wants_sent: set[str] = set()
         self._want_queue: deque[str] = deque()
+        self._queued_wants: set[str] = set()  # the queue's members, so a membership test is not a scan
         self._assembling: dict[str, _Assembly] = {}
         self._assembling_bytes = 0
         # Blobs the peer asked for and this side has not answered yet (a dict keeps their order).
@@ -408,6 +409,10 @@ class SyncConnection:
     def wanted_blobs(self) -> frozenset[str]:
         """Blobs this side asked for and has not received an answer for (sent or still queued)."""
         return frozenset(self._wants_sent) | frozenset(self._want_queue)
+
+    def is_wanted(self, sha256: str) -> bool:
+        """Whether this side asked for the blob (sent or still queued) and has no answer yet."""
+        return sha256 in self._wants_sent or sha256 in self._queued_wants
 
     @property
     def owed_blobs(self) -> tuple[str, ...]:
@@ -524,11 +529,10 @@ class SyncConnection:
         """Ask the peer for blobs by SHA-256 hex; at most ``limits.blob_want_window`` are outstanding at once,
         the rest are asked for as answers come in. Blobs already wanted are not asked for twice."""
         self._require_open("ask for blobs")
-        known = self._wants_sent | set(self._want_queue)
         for value in hashes:
             sha256 = normalise_sha256(value)
-            if sha256 not in known:
-                known.add(sha256)
+            if sha256 not in self._wants_sent and sha256 not in self._queued_wants:
+                self._queued_wants.add(sha256)
                 self._want_queue.append(sha256)
         self._flush_wants()
 
@@ -574,7 +578,9 @@ class SyncConnection:
         room = self.limits.blob_want_window - len(self._wants_sent)
         batch: list[str] = []
         while self._want_queue and len(batch) < room:
-            batch.append(self._want_queue.popleft())
+            sha256 = self._want_queue.popleft()
+            self._queued_wants.discard(sha256)
+            batch.append(sha256)
         if batch:
             self._send_data(BlobWantFrame(tuple(batch)), None)
             self._wants_sent.update(batch)
@@ -582,6 +588,7 @@ class SyncConnection:
     def _drop_blob_state(self) -> None:
         self._wants_sent.clear()
         self._want_queue.clear()
+        self._queued_wants.clear()
         self._assembling.clear()
         self._assembling_bytes = 0
         self._owed.clear()

@@ -411,3 +411,19 @@ def test_expunged_area_older_than_the_retention_is_purged(desk: Desk) -> None:
     (recent / "2.x:2,S").write_bytes(make_raw("recent"))
     desk.full()
     assert not old.exists() and (recent / "2.x:2,S").exists()
+
+
+def test_many_new_files_are_parsed_by_the_worker_process(desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    import crdtmail.bridges.maildir as bridge_module
+
+    monkeypatch.setattr(bridge_module, "_WORKER_THRESHOLD", 1)
+    raws = [make_raw(f"bulk {n}") for n in range(5)]
+    for n, raw in enumerate(raws):
+        desk.deliver(raw, sub="cur", name=f"{n}.bulk:2,S")
+    with open(os.fsencode(str(desk.root / "cur")) + b"/odd.\xff:2,F", "wb") as handle:
+        handle.write(make_raw("odd name"))
+    os.mkfifo(desk.root / "cur" / "fifo:2,")
+    desk.full()
+    subjects = {row.subject: row.flags for row in desk.box.index_rows()}
+    assert subjects == {**{f"bulk {n}": (SEEN,) for n in range(5)}, "odd name": (FLAGGED,)}
+    assert desk.box.body(next(iter(desk.box.index_rows())).message_id) is None  # bodies stay in the files
