@@ -92,6 +92,10 @@ class BodySource(Protocol):
         """The body, verified against its hash, or None when it is gone or does not match."""
         ...
 
+    def take_body(self, sha256: str, data: bytes) -> bool:
+        """Offer a verified body that just arrived; True when the source keeps it (the blob store need not)."""
+        ...
+
 
 @dataclass
 class SessionStatus:
@@ -348,8 +352,9 @@ class Peer:
         return data
 
     def store_blob(self, sha256: str, data: bytes) -> None:
-        """Keep a verified body received from a peer."""
-        self.replica.store.backend("").commit(CommitBatch(blobs={sha256: data}))
+        """Keep a verified body received from a peer (a body source that waits for it takes it directly)."""
+        if not any(source.take_body(sha256, data) for source in self.body_sources):
+            self.replica.store.backend("").commit(CommitBatch(blobs={sha256: data}))
         for listener in list(self.body_listeners):
             listener(sha256)
 

@@ -22,6 +22,7 @@ this desktop lacks is written to the Maildir, then dropped from the blob store.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -68,6 +69,7 @@ _COMMIT_EVERY = 2000
 _DELIVER_EVERY = 500
 _WORKER_THRESHOLD = 2000  # new files from which reading and parsing move to a worker process
 _WORKER_CHUNK = 256
+_MAX_ARRIVED_BYTES = 64 * 1024 * 1024  # bodies held in memory between arrival and delivery
 
 
 @dataclass
@@ -142,6 +144,8 @@ class MaildirBridge:
         self.dirty_messages: set[str] = set()
         self.dirty_folders = False
         self.waiting_bodies: dict[str, str] = {}  # body sha256 -> message id to deliver once it arrives
+        self._arrived: dict[str, bytes] = {}  # bodies taken from peers, not yet written (see take_body)
+        self._arrived_bytes = 0
         self._listing_failed = False
         self._problem_files: set[tuple[str, int]] = set()  # (path, mtime) already reported, not reported again
         self.last_report: PassReport | None = None
@@ -193,6 +197,19 @@ class MaildirBridge:
                         record.message_id)
             return None
         return result
+
+    def take_body(self, sha256: str, data: bytes) -> bool:
+        """A verified body from a peer for a message waiting to be delivered: kept in memory (bounded) until the
+        next pass writes it to the Maildir, instead of a round trip through the blob store. Lost with the process,
+        it is simply fetched again."""
+        if sha256 not in self.waiting_bodies or self._arrived_bytes + len(data) > _MAX_ARRIVED_BYTES:
+            return False
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return False
+        self._arrived[sha256] = data
+        self._arrived_bytes += len(data)
+        self.dirty_messages.add(self.waiting_bodies[sha256])
+        return True
 
     def body_arrived(self, sha256: str) -> None:
         """A body reached the blob store: deliver the message waiting for it on the next pass."""
@@ -328,13 +345,20 @@ class MaildirBridge:
             vanished = self._sync_folders(self.folder_dirs(), report)
             self._finish_folders(vanished, report)
         seen: dict[str, MaildirFile] = {}
+        missing: list[MaildirFile] = []
         for path in paths:
             file = self.file_at(path)
             if file is None:
                 continue
-            if os.path.lexists(self.path(file)):
+            if os.path.lexists(self.path_text(file)):
                 seen[file.uid] = file
-            elif file.uid in self.state.records:
+            else:
+                missing.append(file)
+        for file in missing:
+            # The old name of a rename is missing and its new name is seen; only a file gone from every name it
+            # had is looked for by a full pass.
+            record = self.state.records.get(file.uid)
+            if file.uid not in seen and record is not None and not os.path.lexists(self.path_text(record.file)):
                 needs_full = True
         dirty = set(self.dirty_messages)
         self.dirty_messages.clear()
@@ -354,8 +378,8 @@ class MaildirBridge:
         rows = self.mailbox.rows(dirty | {self.state.records[u].message_id for u in seen if u in self.state.records})
         report.files_seen = len(seen)
         self._reconcile_files(seen, rows, report, complete=False)
-        missing = [row for message_id, row in rows.items() if self.state.primary(message_id) is None]
-        self._deliver(missing, report)
+        undelivered = [row for message_id, row in rows.items() if self.state.primary(message_id) is None]
+        self._deliver(undelivered, report)
         report.seconds = time.perf_counter() - started
         self.last_report = report
         return report, needs_full
@@ -703,12 +727,15 @@ class MaildirBridge:
         """
         ready: list[tuple[IndexRow, str, bytes]] = []
         for row in rows:
-            try:
-                envelope = self.mailbox.message(row.message_id).envelope
-            except ModelError:
+            envelope = self.mailbox.envelope_in(row.message_id, row.shard)
+            if envelope is None:
                 continue
             sha256 = envelope.body_sha256
-            body = self._blob(sha256) if sha256 else None
+            body = self._arrived.pop(sha256, None)
+            if body is not None:
+                self._arrived_bytes -= len(body)
+            elif sha256:
+                body = self._blob(sha256)
             if body is None:
                 self.waiting_bodies[sha256] = row.message_id
                 report.waiting_for_bodies += 1
@@ -735,9 +762,10 @@ class MaildirBridge:
              "sha256": sha256} for _, sha256, _, temporary, final, _ in planned])
         self._step("journal before delivery")
         directories: set[Path] = set()
-        for _, _, body, temporary, _final, _ in planned:
-            (self.root / temporary).parent.mkdir(parents=True, exist_ok=True)
-            _write_durably(self.root / temporary, body)
+        for folder_dir in {final.folder_dir for _, _, _, _, final, _ in planned}:
+            (self.root / folder_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        # fsync waits on the disk, not the CPU: several in flight let the file system commit them together.
+        list(_writers().map(lambda item: _write_durably(self.root / item[3], item[2]), planned))
         self._step("delivery written to tmp")
         for _, _, _, temporary, final, _ in planned:
             os.rename(self.root / temporary, self.path(final))
@@ -858,6 +886,16 @@ def _parsed_files(bridge: MaildirBridge, files: list[MaildirFile]) -> Iterator[t
             worker.kill()
         worker.wait()
         feeder.join(5)
+
+
+_writer_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _writers() -> concurrent.futures.ThreadPoolExecutor:
+    global _writer_pool
+    if _writer_pool is None:
+        _writer_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="crdtmail-deliver")
+    return _writer_pool
 
 
 def _is_maildir(path: str) -> bool:

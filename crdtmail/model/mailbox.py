@@ -705,6 +705,11 @@ class Mailbox:
             flags=shard.flags_of(message_id),
         )
 
+    def envelope_in(self, message_id: str, shard_name: str) -> Envelope | None:
+        """A visible message's envelope from the shard a derived row names (no look-up of the shard first)."""
+        value = self._load_shard(shard_name).visible_envelope(message_id)
+        return None if value is None else Envelope.from_crdt(value)
+
     def body(self, message_id: str) -> bytes | None:
         """The raw message from the blob store, or None if this replica does not hold the body."""
         return self._backend.get_blob(self.message(message_id).envelope.body_sha256)
