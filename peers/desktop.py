@@ -198,6 +198,13 @@ class DesktopPeer:
     async def _work(self, name: str, lane: _Lane, stop: asyncio.Event) -> None:
         """Run bridge passes when the watcher or the replica has news, and a full pass on schedule."""
         bridge = lane.bridge
+        loop = asyncio.get_running_loop()
+        bridge.background_writes = True
+
+        def written() -> None:  # on a writer thread
+            loop.call_soon_threadsafe(lane.wake.set)
+
+        bridge.on_background_done = written
         next_full = time.monotonic() + self.rescan_seconds
         while not stop.is_set():
             timeout = next_full - time.monotonic()
@@ -235,6 +242,7 @@ class DesktopPeer:
             except OSError as exc:
                 log.error("maildir %s: %s; retrying at the next change or rescan", name, exc)
                 lane.full_due = time.monotonic() + 1.0
+        bridge.finish_deliveries(wait=True)  # what is being written is recorded before the peer stops
 
     def status(self) -> dict[str, Any]:
         """What ``crdtmail status`` and ``crdtmail peers`` show of this running peer."""

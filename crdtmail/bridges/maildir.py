@@ -146,6 +146,12 @@ class MaildirBridge:
         self.waiting_bodies: dict[str, str] = {}  # body sha256 -> message id to deliver once it arrives
         self._arrived: dict[str, bytes] = {}  # bodies taken from peers, not yet written (see take_body)
         self._arrived_bytes = 0
+        self._jobs: list[_DeliveryJob] = []
+        self._in_flight: set[str] = set()  # messages whose delivery is being written
+        # A running peer lets deliveries be written while it goes on (it calls finish_deliveries when told);
+        # a one-shot pass waits for them.
+        self.background_writes = False
+        self.on_background_done: Callable[[], None] | None = None
         self._listing_failed = False
         self._problem_files: set[tuple[str, int]] = set()  # (path, mtime) already reported, not reported again
         self.last_report: PassReport | None = None
@@ -218,8 +224,9 @@ class MaildirBridge:
             self.dirty_messages.add(message_id)
 
     def pending(self) -> bool:
-        """Whether replica changes wait to be written to the Maildir."""
-        return bool(self.dirty_messages or self.dirty_folders)
+        """Whether replica changes wait to be written to the Maildir (or written deliveries to be recorded)."""
+        return bool(self.dirty_messages or self.dirty_folders or
+                    (self._jobs and all(f.done() for f in self._jobs[0].futures)))
 
     # ---------------------------------------------------------------------------------------------- scanning
 
@@ -320,6 +327,7 @@ class MaildirBridge:
         # A directory that could not be listed must not make its files look removed.
         self._reconcile_files(seen, rows, report, complete=not self._listing_failed,
                               only=None if compare_replica else seen_known)
+        self.finish_deliveries(wait=True)
         missing = [row for message_id, row in rows.items() if self.state.primary(message_id) is None]
         self._deliver(missing, report)
         self._finish_folders(vanished_dirs, report)
@@ -378,7 +386,9 @@ class MaildirBridge:
         rows = self.mailbox.rows(dirty | {self.state.records[u].message_id for u in seen if u in self.state.records})
         report.files_seen = len(seen)
         self._reconcile_files(seen, rows, report, complete=False)
-        undelivered = [row for message_id, row in rows.items() if self.state.primary(message_id) is None]
+        self.finish_deliveries()
+        undelivered = [row for message_id, row in rows.items()
+                       if message_id not in self._in_flight and self.state.primary(message_id) is None]
         self._deliver(undelivered, report)
         report.seconds = time.perf_counter() - started
         self.last_report = report
@@ -749,36 +759,67 @@ class MaildirBridge:
             self._deliver_group(ready, report)
 
     def _deliver_group(self, group: list[tuple[IndexRow, str, bytes]], report: PassReport) -> None:
-        planned: list[tuple[IndexRow, str, bytes, Path, MaildirFile, str]] = []
+        planned: list[_Planned] = []
         for row, sha256, body in group:
             folder_dir = self._dir_for_folder(row.folder_id)
             letters = letters_for_flags(row.flags)
             unique = new_unique_name()
             final = MaildirFile(folder_dir, "cur", f"{unique}:2,{letters}") if letters else MaildirFile(
                 folder_dir, "new", unique)
-            planned.append((row, sha256, body, Path(folder_dir) / "tmp" / unique, final, letters))
+            planned.append(_Planned(row, sha256, body, Path(folder_dir) / "tmp" / unique, final, letters))
         entries = self.state.journal_many([
-            {"op": "deliver", "from": journal_path(str(temporary)), "to": journal_path(final.relative()),
-             "sha256": sha256} for _, sha256, _, temporary, final, _ in planned])
+            {"op": "deliver", "from": journal_path(str(p.temporary)), "to": journal_path(p.final.relative()),
+             "sha256": p.sha256} for p in planned])
         self._step("journal before delivery")
-        directories: set[Path] = set()
-        for folder_dir in {final.folder_dir for _, _, _, _, final, _ in planned}:
+        for folder_dir in {p.final.folder_dir for p in planned}:
             (self.root / folder_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        # fsync waits on the disk, not the CPU: several in flight let the file system commit them together.
-        list(_writers().map(lambda item: _write_durably(self.root / item[3], item[2]), planned))
-        self._step("delivery written to tmp")
-        for _, _, _, temporary, final, _ in planned:
-            os.rename(self.root / temporary, self.path(final))
-            directories.add(self.path(final).parent)
-        for directory in directories:
-            _fsync_dir(directory)
-        self._step("delivery renamed into place")
-        records = [FileRecord(final.uid, row.message_id, row.folder_id, final, letters, sha256)
-                   for row, sha256, _, _, final, letters in planned]
-        self.state.save(put=records, done_journal=entries)
-        self._step("state after delivery")
-        self._drop_blobs([sha256 for _, sha256, _, _, _, _ in planned])
+        # fsync waits on the disk, not the CPU: several in flight let the file system commit them together, and
+        # a running peer goes on receiving while they are written (see finish_deliveries).
+        job = _DeliveryJob(planned, entries,
+                           [_writers().submit(_write_durably, self.root / p.temporary, p.body) for p in planned])
+        for item in planned:
+            self._in_flight.add(item.row.message_id)
+        self._jobs.append(job)
+        if self.on_background_done is not None:
+            # Once the group's writes are all done (they finish close together); a wake per file would cost more.
+            job.futures[-1].add_done_callback(lambda _future: self.on_background_done() if self.on_background_done
+                                              else None)
         report.delivered += len(planned)
+        if not self.background_writes:
+            self.finish_deliveries(wait=True)
+
+    def finish_deliveries(self, *, wait: bool = False) -> int:
+        """Move written deliveries into place and record them; returns how many. With ``wait``, waits for every
+        delivery still being written (a pass of a one-shot run ends with none in flight)."""
+        done = 0
+        while self._jobs:
+            job = self._jobs[0]
+            if wait:
+                concurrent.futures.wait(job.futures)
+            elif not all(future.done() for future in job.futures):
+                break
+            self._jobs.pop(0)
+            for future in job.futures:
+                future.result()  # a failed write stops here; its journal entry makes the next start finish it
+            self._step("delivery written to tmp")
+            directories: set[str] = set()
+            for item in job.planned:
+                final = self.path_text(item.final)
+                os.rename(self.root / item.temporary, final)
+                directories.add(os.path.dirname(final))
+            for directory in directories:
+                _fsync_dir(Path(directory))
+            self._step("delivery renamed into place")
+            self.state.save(put=[FileRecord(p.final.uid, p.row.message_id, p.row.folder_id, p.final, p.letters,
+                                            p.sha256) for p in job.planned], done_journal=job.entries)
+            self._step("state after delivery")
+            self._drop_blobs([p.sha256 for p in job.planned])
+            for item in job.planned:
+                self._in_flight.discard(item.row.message_id)
+                # A change that came while the file was being written is applied by the next pass.
+                self.dirty_messages.add(item.row.message_id)
+            done += len(job.planned)
+        return done
 
     # --------------------------------------------------------------------------------------- expunged area
 
@@ -822,6 +863,27 @@ class MaildirBridge:
         log.warning("bridge %s: %s; left as it is", self.mailbox.name, text)
         if self.last_report is not None:
             self.last_report.problems.append(text)
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """One delivery: the message, its body, where it is written and where it goes."""
+
+    row: IndexRow
+    sha256: str
+    body: bytes
+    temporary: Path
+    final: MaildirFile
+    letters: str
+
+
+@dataclass
+class _DeliveryJob:
+    """A group of deliveries being written by the writer threads."""
+
+    planned: list[_Planned]
+    entries: list[int]
+    futures: list[concurrent.futures.Future[None]]
 
 
 def _read_and_parse(paths: list[str]) -> list[ParsedMessage | str]:
