@@ -269,3 +269,22 @@ def test_desktop_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             process.kill()
             process.wait()
     assert "stopped" in out
+
+
+def test_desktop_takes_its_maildir_from_the_config(tmp_path: Path) -> None:
+    root = tmp_path / "Mail dir"
+    write_maildir(root, generate_messages(12, seed=4))
+    data = tmp_path / "data"
+    env = {**os.environ, "CRDTMAIL_DATA_DIR": str(data)}
+    subprocess.run([sys.executable, "-m", "crdtmail.cli", "init"], cwd=ROOT, env=env, check=True, timeout=60,
+                   capture_output=True)
+    config = data / "config.toml"
+    config.write_text(config.read_text().replace('# default = "~/Maildir"', f'default = "{root}"'))
+    done = subprocess.run([sys.executable, "-m", "crdtmail.cli", "desktop", "--once"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"maildir {root} -> mailbox default: 12 files" in done.stdout
+    config.write_text(config.read_text().replace(f'default = "{root}"', ""))
+    missing = subprocess.run([sys.executable, "-m", "crdtmail.cli", "desktop", "--once"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no Maildir to mirror" in missing.stderr
