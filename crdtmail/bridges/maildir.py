@@ -148,6 +148,7 @@ class MaildirBridge:
         self._arrived_bytes = 0
         self._jobs: list[_DeliveryJob] = []
         self._in_flight: set[str] = set()  # messages whose delivery is being written
+        self._own_paths: set[str] = set()  # files this bridge delivered, whose watcher events are no news
         # A running peer lets deliveries be written while it goes on (it calls finish_deliveries when told);
         # a one-shot pass waits for them.
         self.background_writes = False
@@ -205,12 +206,10 @@ class MaildirBridge:
         return result
 
     def take_body(self, sha256: str, data: bytes) -> bool:
-        """A verified body from a peer for a message waiting to be delivered: kept in memory (bounded) until the
-        next pass writes it to the Maildir, instead of a round trip through the blob store. Lost with the process,
-        it is simply fetched again."""
+        """A body from a peer, already verified against its hash by the sync session, for a message waiting to be
+        delivered: kept in memory (bounded) until the next pass writes it to the Maildir, instead of a round trip
+        through the blob store. Lost with the process, it is simply fetched again."""
         if sha256 not in self.waiting_bodies or self._arrived_bytes + len(data) > _MAX_ARRIVED_BYTES:
-            return False
-        if hashlib.sha256(data).hexdigest() != sha256:
             return False
         self._arrived[sha256] = data
         self._arrived_bytes += len(data)
@@ -225,8 +224,7 @@ class MaildirBridge:
 
     def pending(self) -> bool:
         """Whether replica changes wait to be written to the Maildir (or written deliveries to be recorded)."""
-        return bool(self.dirty_messages or self.dirty_folders or
-                    (self._jobs and all(f.done() for f in self._jobs[0].futures)))
+        return bool(self.dirty_messages or self.dirty_folders or (self._jobs and self._jobs[0].done.done()))
 
     # ---------------------------------------------------------------------------------------------- scanning
 
@@ -304,6 +302,7 @@ class MaildirBridge:
         """
         started = time.perf_counter()
         report = PassReport()
+        self.finish_deliveries(wait=True)  # before recover(): its journal entries are not leftovers
         self.recover()
         vanished_dirs = self._sync_folders(self.folder_dirs(), report)
         seen: dict[str, MaildirFile] = {}
@@ -354,7 +353,12 @@ class MaildirBridge:
             self._finish_folders(vanished, report)
         seen: dict[str, MaildirFile] = {}
         missing: list[MaildirFile] = []
+        if len(self._own_paths) > 100_000:
+            self._own_paths.clear()
         for path in paths:
+            if path in self._own_paths:
+                self._own_paths.discard(path)
+                continue
             file = self.file_at(path)
             if file is None:
                 continue
@@ -775,15 +779,18 @@ class MaildirBridge:
             (self.root / folder_dir / "tmp").mkdir(parents=True, exist_ok=True)
         # fsync waits on the disk, not the CPU: several in flight let the file system commit them together, and
         # a running peer goes on receiving while they are written (see finish_deliveries).
-        job = _DeliveryJob(planned, entries,
-                           [_writers().submit(_write_durably, self.root / p.temporary, p.body) for p in planned])
+        writes = [_writers().submit(_deliver_file, self.root / p.temporary, self.path_text(p.final), p.body)
+                  for p in planned]
+        directories = {os.path.dirname(self.path_text(p.final)) for p in planned}
+        # The directory fsyncs run on a writer thread too, once every file of the group is in place.
+        job = _DeliveryJob(planned, entries, _writers().submit(_settle_group, writes, directories))
         for item in planned:
             self._in_flight.add(item.row.message_id)
+            self._own_paths.add(self.path_text(item.final))
         self._jobs.append(job)
         if self.on_background_done is not None:
-            # Once the group's writes are all done (they finish close together); a wake per file would cost more.
-            job.futures[-1].add_done_callback(lambda _future: self.on_background_done() if self.on_background_done
-                                              else None)
+            job.done.add_done_callback(lambda _future: self.on_background_done() if self.on_background_done
+                                       else None)
         report.delivered += len(planned)
         if not self.background_writes:
             self.finish_deliveries(wait=True)
@@ -794,22 +801,17 @@ class MaildirBridge:
         done = 0
         while self._jobs:
             job = self._jobs[0]
-            if wait:
-                concurrent.futures.wait(job.futures)
-            elif not all(future.done() for future in job.futures):
+            if not wait and not job.done.done():
                 break
             self._jobs.pop(0)
-            for future in job.futures:
-                future.result()  # a failed write stops here; its journal entry makes the next start finish it
-            self._step("delivery written to tmp")
-            directories: set[str] = set()
-            for item in job.planned:
-                final = self.path_text(item.final)
-                os.rename(self.root / item.temporary, final)
-                directories.add(os.path.dirname(final))
-            for directory in directories:
-                _fsync_dir(Path(directory))
-            self._step("delivery renamed into place")
+            try:
+                job.done.result()
+            except BaseException:
+                # Its journal entries stay open: the next full pass (recover) finishes or sets aside each file.
+                for item in job.planned:
+                    self._in_flight.discard(item.row.message_id)
+                raise
+            self._step("delivery written and renamed into place")
             self.state.save(put=[FileRecord(p.final.uid, p.row.message_id, p.row.folder_id, p.final, p.letters,
                                             p.sha256) for p in job.planned], done_journal=job.entries)
             self._step("state after delivery")
@@ -883,7 +885,7 @@ class _DeliveryJob:
 
     planned: list[_Planned]
     entries: list[int]
-    futures: list[concurrent.futures.Future[None]]
+    done: concurrent.futures.Future[None]  # every file written, fsynced and renamed, and the directories fsynced
 
 
 def _read_and_parse(paths: list[str]) -> list[ParsedMessage | str]:
@@ -981,6 +983,20 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _deliver_file(temporary: Path, final: str, data: bytes) -> None:
+    """Write a delivery to tmp/, fsync it, rename it into place (on a writer thread)."""
+    _write_durably(temporary, data)
+    os.rename(temporary, final)
+
+
+def _settle_group(writes: list[concurrent.futures.Future[None]], directories: set[str]) -> None:
+    """Wait for a group's files, then fsync the directories they were renamed into (on a writer thread)."""
+    for future in writes:
+        future.result()
+    for directory in directories:
+        _fsync_dir(Path(directory))
 
 
 def _fsync_dir(directory: Path) -> None:
