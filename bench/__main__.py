@@ -16,8 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     import_bench.add_arguments(p)
     p = sub.add_parser("sync", help="one-hop latency of a flag change between two peer processes, beside the floor")
     sync_bench.add_arguments(p)
+    sub.add_parser("alternatives", help="pycrdt-websocket, Node y-websocket and mbsync + Dovecot, interleaved",
+                   add_help=False)
     p = sub.add_parser("desktop", help="Maildir mirror, rescan, two desktop peers, rename latency A -> B")
     desktop_bench.add_arguments(p)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["alternatives"]:
+        from bench.alternatives.__main__ import main as alternatives_main
+
+        return alternatives_main(raw[1:])
     args = parser.parse_args(argv)
     if args.scenario == "desktop":
         return desktop_bench.run(args)
