@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", message="Callback with id .* already exists", 
 
 STATUS_FILE = "status.json"
 DEBOUNCE_SECONDS = 0.003  # a mail client renames several files in a burst: take them in one pass
+STREAM_BATCH_SECONDS = 0.05
+STREAM_BATCH_MIN = 50
 CONFIRM_GONE_SECONDS = 0.5  # a vanished file is looked for everywhere after this, before it counts as removed
 
 
@@ -206,6 +208,7 @@ class DesktopPeer:
 
         bridge.on_background_done = written
         next_full = time.monotonic() + self.rescan_seconds
+        delay = DEBOUNCE_SECONDS
         while not stop.is_set():
             timeout = next_full - time.monotonic()
             if lane.full_due is not None:
@@ -215,7 +218,7 @@ class DesktopPeer:
             lane.wake.clear()
             if stop.is_set():
                 break
-            await asyncio.sleep(DEBOUNCE_SECONDS)
+            await asyncio.sleep(delay)
             try:
                 now = time.monotonic()
                 if now >= next_full or (lane.full_due is not None and now >= lane.full_due):
@@ -231,6 +234,9 @@ class DesktopPeer:
                 paths, lane.paths = lane.paths, set()
                 folders, lane.folders_changed = lane.folders_changed, False
                 report, needs_full = bridge.quick_pass(paths, folders_changed=folders)
+                # While mail streams in (a first mirror), wait a little longer for the next group: fewer, larger
+                # groups cost fewer transactions; a single change still goes out after DEBOUNCE_SECONDS.
+                delay = STREAM_BATCH_SECONDS if report.delivered >= STREAM_BATCH_MIN else DEBOUNCE_SECONDS
                 if needs_full and lane.full_due is None:
                     lane.full_due = time.monotonic() + CONFIRM_GONE_SECONDS
                 if report.changed():

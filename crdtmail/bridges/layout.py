@@ -9,6 +9,7 @@ IMAP's modified UTF-7.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -119,5 +120,10 @@ def new_unique_name() -> str:
         _counter += 1
         count = _counter
     now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
-    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{count}.{host}"
+    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{count}.{_host()}"
+
+
+@functools.cache
+def _host() -> str:
+    """The host name as a Maildir name part ("/" and ":" escaped as the Maildir spec says); asked once."""
+    return socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"

@@ -149,6 +149,7 @@ class MaildirBridge:
         self._jobs: list[_DeliveryJob] = []
         self._in_flight: set[str] = set()  # messages whose delivery is being written
         self._own_paths: set[str] = set()  # files this bridge delivered, whose watcher events are no news
+        self._changed_in_flight: set[str] = set()
         # A running peer lets deliveries be written while it goes on (it calls finish_deliveries when told);
         # a one-shot pass waits for them.
         self.background_writes = False
@@ -181,7 +182,10 @@ class MaildirBridge:
         """Observer of the replica: remember what a pass must write to the Maildir."""
         if self._applying and change.origin == LOCAL:
             return
-        self.dirty_messages |= change.added | change.changed | change.moved | change.expunged
+        touched = change.added | change.changed | change.moved | change.expunged
+        if self._in_flight:
+            self._changed_in_flight |= touched & self._in_flight
+        self.dirty_messages |= touched
         if change.folders_changed:
             self.dirty_folders = True
 
@@ -372,7 +376,7 @@ class MaildirBridge:
             record = self.state.records.get(file.uid)
             if file.uid not in seen and record is not None and not os.path.lexists(self.path_text(record.file)):
                 needs_full = True
-        dirty = set(self.dirty_messages)
+        dirty = set(self.dirty_messages) - self._in_flight
         self.dirty_messages.clear()
         for uid in seen:
             record = self.state.records.get(uid)
@@ -817,9 +821,12 @@ class MaildirBridge:
             self._step("state after delivery")
             self._drop_blobs([p.sha256 for p in job.planned])
             for item in job.planned:
-                self._in_flight.discard(item.row.message_id)
-                # A change that came while the file was being written is applied by the next pass.
-                self.dirty_messages.add(item.row.message_id)
+                message_id = item.row.message_id
+                self._in_flight.discard(message_id)
+                if message_id in self._changed_in_flight:
+                    # A change that came while the file was being written is applied by the next pass.
+                    self._changed_in_flight.discard(message_id)
+                    self.dirty_messages.add(message_id)
             done += len(job.planned)
         return done
 

@@ -574,8 +574,11 @@ class SyncConnection:
             raise ProtocolStateError(f"the peer did not ask for blob {sha256}")
         return sha256
 
-    def _flush_wants(self) -> None:
+    def _flush_wants(self, *, refill: bool = False) -> None:
         room = self.limits.blob_want_window - len(self._wants_sent)
+        if refill and room < min(len(self._want_queue), max(1, self.limits.blob_want_window // 4)):
+            # Refill in batches, not a frame per blob answered: each frame costs a send (and a client's mask).
+            return
         batch: list[str] = []
         while self._want_queue and len(batch) < room:
             sha256 = self._want_queue.popleft()
@@ -737,7 +740,7 @@ class SyncConnection:
             if assembly is not None:
                 self._assembling_bytes -= assembly.total
             self._emit(BlobMissing(frame.sha256))
-            self._flush_wants()
+            self._flush_wants(refill=True)
 
     def _on_blob_want(self, frame: BlobWantFrame) -> None:
         new = [sha256 for sha256 in frame.hashes if sha256 not in self._owed]
@@ -783,7 +786,7 @@ class SyncConnection:
         if actual != sha256:
             raise BlobMismatchError(f"blob {sha256} arrived with bytes that hash to {actual}; it was discarded")
         self._emit(BlobReceived(sha256, data))
-        self._flush_wants()
+        self._flush_wants(refill=True)
 
 
 # ------------------------------------------------------------------------------------------------ mailbox sync
