@@ -284,7 +284,7 @@ def _message_entries(directory: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
-def _split_info(name: str) -> tuple[str, str | None]:
+def split_maildir_name(name: str) -> tuple[str, str | None]:
     """A Maildir file name's unique part and its info (the letters after ":2,"), or None without info."""
     best = -1
     for separator in _INFO_SEPARATORS:
@@ -308,7 +308,7 @@ def _maildir_items(folder: tuple[str, ...], directory: Path) -> Iterator[ImportI
                 result = _read_file(path)
         source = _show(path)
         if isinstance(result, bytes):
-            _, info = _split_info(name)
+            _, info = split_maildir_name(name)
             flags = flags_from_maildir_info(info) if sub == "cur" and info is not None else frozenset()
             yield ImportItem(folder, result, flags, source, hashlib.sha256(result).hexdigest())
         elif isinstance(result, OSError):
@@ -318,9 +318,9 @@ def _maildir_items(folder: tuple[str, ...], directory: Path) -> Iterator[ImportI
 
 
 def _find_renamed(directory: Path, name: str) -> tuple[str, str, str] | None:
-    unique, _ = _split_info(name)
+    unique, _ = split_maildir_name(name)
     for path, other, sub in _message_entries(directory):
-        if other != name and _split_info(other)[0] == unique:
+        if other != name and split_maildir_name(other)[0] == unique:
             return path, other, sub
     return None
 

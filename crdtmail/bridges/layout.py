@@ -17,12 +17,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from crdtmail.importer import decode_mutf7, encode_mutf7
+from crdtmail.importer import decode_mutf7, encode_mutf7, split_maildir_name
 from crdtmail.model.flags import LETTER_FOR_FLAG, MAILDIR_LETTERS
 
 ROOT_DIR = ""  # the folder directory of INBOX: the Maildir root itself
 SUBDIRS = ("new", "cur")  # listed in this order, so a file a mail client moves from new/ to cur/ is not missed
-_SEPARATORS = (":2,", "!2,", ";2,")
 _MANAGED = frozenset(MAILDIR_LETTERS)
 
 
@@ -52,14 +51,7 @@ class MaildirFile:
         return os.path.join(self.folder_dir, self.sub, self.name)
 
 
-def split_name(name: str) -> tuple[str, str | None]:
-    """A file name's unique part and its info letters (None when the name has no ``:2,`` part)."""
-    best = -1
-    for separator in _SEPARATORS:
-        best = max(best, name.rfind(separator))
-    if best == -1:
-        return name, None
-    return name[:best], name[best + 3 :]
+split_name = split_maildir_name  # a name's unique part and its info letters (None without a :2, part)
 
 
 def managed_letters(info: str) -> str:

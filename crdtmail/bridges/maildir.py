@@ -150,6 +150,7 @@ class MaildirBridge:
         self._in_flight: set[str] = set()  # messages whose delivery is being written
         self._own_paths: set[str] = set()  # files this bridge delivered, whose watcher events are no news
         self._changed_in_flight: set[str] = set()
+        self._from_store: set[str] = set()  # bodies being delivered that came from the blob store
         # A running peer lets deliveries be written while it goes on (it calls finish_deliveries when told);
         # a one-shot pass waits for them.
         self.background_writes = False
@@ -754,6 +755,8 @@ class MaildirBridge:
                 self._arrived_bytes -= len(body)
             elif sha256:
                 body = self._blob(sha256)
+                if body is not None:
+                    self._from_store.add(sha256)
             if body is None:
                 self.waiting_bodies[sha256] = row.message_id
                 report.waiting_for_bodies += 1
@@ -819,7 +822,10 @@ class MaildirBridge:
             self.state.save(put=[FileRecord(p.final.uid, p.row.message_id, p.row.folder_id, p.final, p.letters,
                                             p.sha256) for p in job.planned], done_journal=job.entries)
             self._step("state after delivery")
-            self._drop_blobs([p.sha256 for p in job.planned])
+            stored = [p.sha256 for p in job.planned if p.sha256 in self._from_store]
+            if stored:  # bodies that went through the blob store leave it, now that the Maildir holds them
+                self._drop_blobs(stored)
+                self._from_store.difference_update(stored)
             for item in job.planned:
                 message_id = item.row.message_id
                 self._in_flight.discard(message_id)
