@@ -16,7 +16,6 @@ import logging
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -633,34 +632,21 @@ def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    """Generate a sample Maildir, import it into a fresh peer and list it (the sync demo comes with issue 5)."""
-    from crdtmail.sample import generate_messages, write_maildir
+    """A sample Maildir, a desktop peer on it and two simulated phones; exit 1 unless they all agree."""
+    from peers.demo import demo_directory, run_demo
 
-    base = Path(args.dir).expanduser() if args.dir else Path(tempfile.mkdtemp(prefix="crdtmail-demo-"))
-    maildir = base / "Maildir"
-    if maildir.exists():
-        raise ModelError(f"{maildir} exists already; pick an empty --dir or remove it")
-    written = write_maildir(maildir, generate_messages(args.count, seed=args.seed))
-    out.write(f"wrote a sample Maildir with {written} messages: {maildir}\n")
-    data_dir = base / "desktop"
-    with Replica.init(data_dir) as replica:
-        progress = Progress("importing", sys.stderr)
-        try:
-            report = replica.import_path(maildir, progress=progress)
-        finally:
-            progress.finish()
-        mailbox = replica.mailbox()
-        out.write(
-            f"imported {report.added} messages into {data_dir} in {report.seconds:.2f}s "
-            f"({len(report.problems)} problems)\n\n"
-        )
-        _list_folders(mailbox, args, out)
-        out.write("\nnewest in INBOX:\n")
-        for row in mailbox.list_folder("INBOX", limit=10):
-            out.write(f"  {row.message_id}  {_format_date(row.date)}  {_flag_letters(row.flags):4} "
-                      f"{row.sender[:24].ljust(24)}  {row.subject[:60]}\n")
-    out.write(f"\ntry: crdtmail --data-dir {data_dir} ls Work   (or show ID, flag ID +seen, folders, status)\n")
-    return EXIT_OK if not report.problems else EXIT_ERROR
+    base = demo_directory(args.dir)
+    result = asyncio.run(run_demo(base, duration=args.duration, count=args.count, seed=args.seed, out=out,
+                                  phones=args.phones))
+    return EXIT_OK if result.converged else EXIT_ERROR
+
+
+def cmd_mobile(args: argparse.Namespace, out: TextIO) -> int:
+    """A simulated phone (peers/mobile.py) on this data directory."""
+    from peers.mobile import run_from_args
+
+    args.data_dir = str(args.data_dir)
+    return run_from_args(args, out)
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -757,10 +743,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sync", cmd_sync, "sync once with every configured peer, then exit")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every peer")
     add("peers", cmd_peers, "configured peers, and what a running `crdtmail serve` is connected to")
-    p = add("demo", cmd_demo, "generate a sample Maildir, import it into a new peer and list it")
+    p = add("demo", cmd_demo, "a sample Maildir, a desktop peer on it and two simulated phones; checks they agree")
     p.add_argument("--dir", default=None, help="where to put the demo (default: a new temporary directory)")
-    p.add_argument("--count", type=int, default=300, help="messages in the sample Maildir")
+    p.add_argument("--count", type=int, default=300, help="messages in the sample Maildir (300)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds the phones' users act (20)")
+    p.add_argument("--phones", type=int, default=2, help="simulated phones (2)")
     p.add_argument("--seed", type=int, default=1)
+    p = add("mobile", cmd_mobile, "run a simulated phone: online/offline periods, a user, mail arriving")
+    from peers.mobile import add_arguments as add_mobile_arguments
+
+    add_mobile_arguments(p, common=False)
     return parser
 
 

@@ -151,13 +151,6 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     assert result.returncode == 0 and orjson.loads(result.stdout)["mailboxes"] == []
 
 
-def test_demo_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code = main(["demo", "--dir", str(tmp_path / "demo"), "--count", "80"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "imported " in out and "newest in INBOX" in out
-
-
 def test_pair_devices_unpair(capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
     paired = run_json(capsys, data_dir, "pair", "phone", "--for", "default", "--for", "work")
     assert paired["mailboxes"] == ["default", "work"] and len(paired["token"]) >= 40
