@@ -284,6 +284,7 @@ class Peer:
         self.replica = replica
         # A phone's sync window: month shards older than this ("2026-09") are neither asked for nor sent.
         self.oldest_shard = oldest_shard
+        self.opened_shards: set[str] = set()  # shards outside the window fetched on demand (request_shard)
         self.bodies = bodies if isinstance(bodies, BodyPolicy) else BodyPolicy(fetch=bodies)
         self._requested_bodies: set[str] = set()
         self.registry = DeviceRegistry(replica.store)
@@ -320,9 +321,23 @@ class Peer:
         """Whether a document is synced with peers: every mailbox document, within the sync window if any."""
         if not is_document_name(name):
             return False
-        if self.oldest_shard is None or name == INDEX_DOC:
+        if self.oldest_shard is None or name == INDEX_DOC or name in self.opened_shards:
             return True
         return name != UNDATED and name >= self.oldest_shard
+
+    def request_shard(self, mailbox: str, shard: str) -> int:
+        """Fetch one month shard outside the sync window (the user scrolled to older mail), from every connected
+        peer that shares the mailbox; it is kept in step from then on. Returns how many peers were asked."""
+        if not is_document_name(shard) or shard == INDEX_DOC:
+            raise ModelError(f"{shard!r} is not a month shard (expected YYYY-MM or 'undated')")
+        self.opened_shards.add(shard)
+        asked = 0
+        for session in list(self.sessions):
+            sync = session.syncs.get(mailbox)
+            if sync is not None and sync.request_document(shard):
+                session.flush()
+                asked += 1
+        return asked
 
     def request_body(self, sha256: str) -> None:
         """Ask every linked peer (and every peer linked later) for one body, whatever the policy says."""

@@ -431,6 +431,19 @@ class MobilePeer:
             await asyncio.sleep(0.02)
         return self.peer.blob(sha256)
 
+    async def open_older(self, shard: str, *, timeout: float = 15.0) -> list[str]:
+        """The user scrolls to mail older than the sync window: fetch that month's shard from the peers (online
+        only) and return the ids of its messages; the shard stays in step from then on, bodies on demand."""
+        asked = self.peer.request_shard(self.config.mailbox, shard) if self.online else 0
+        self.metrics.emit("shard_requested", shard=shard, peers=asked)
+        deadline = time.monotonic() + timeout
+        while asked and time.monotonic() < deadline:
+            if not any(shard in session.syncs[self.config.mailbox].pending for session in self.peer.sessions
+                       if self.config.mailbox in session.syncs):
+                break
+            await asyncio.sleep(0.02)
+        return [row.message_id for row in self.mailbox.index_rows() if row.shard == shard]
+
     def _request_body(self, message_id: str, sha256: str) -> None:
         if sha256 in self._awaiting or self.peer.has_blob(sha256):
             return

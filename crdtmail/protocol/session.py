@@ -928,6 +928,17 @@ class MailboxSync:
             return [SyncComplete(self.mailbox)]
         return []
 
+    def request_document(self, doc: str) -> bool:
+        """Ask the peer for one document now (a shard outside a sync window that the user opened, say).
+
+        Returns False when it cannot be asked: not started, closing, not accepted here, or already asked for.
+        """
+        if not self._started or not self.connection.is_open or not self.source.accepts(doc) or self._pending.get(doc):
+            return False
+        with self._guarded():
+            self._request(doc)
+        return True
+
     def on_change(self, change: ChangeLike) -> None:
         """Forward a committed change's updates, unless it came from this connection."""
         if change.origin is self.connection:

@@ -248,6 +248,34 @@ def test_the_window_keeps_old_shards_off_and_bodies_come_on_demand(tmp_path: Pat
     asyncio.run(main())
 
 
+@pytest.mark.timeout(60)
+def test_older_mail_opened_on_the_phone_is_fetched_on_demand(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with desktop(tmp_path, 200, seed=8) as desk, phone(tmp_path, phone_config(desk)) as mobile:
+            box = mobile.mailbox
+            await mobile.go_online()
+            await until(lambda: view(box) == view(desk.box, WINDOW), "the phone holds the window")
+            older = sorted({m.shard for m in desk.box.all_messages() if m.shard != "undated" and m.shard < WINDOW})
+            assert older, "the sample has mail older than the window"
+            month = older[-1]
+            expected = {m.id for m in desk.box.all_messages() if m.shard == month}
+            assert not expected & ids(box)
+            # The user scrolls past the window: that month arrives, then a message of it opens with its body.
+            assert set(await mobile.open_older(month, timeout=10)) == expected
+            message_id = sorted(expected)[0]
+            body = await mobile.read_message(message_id, timeout=10)
+            assert body is not None and body == desk.box.body(message_id)
+            await until(lambda: SEEN in desk.box.message(message_id).flags, "the desktop sees it read")
+            # From then on that month is kept in step; the other old months still stay off the phone.
+            desk.box.set_flags(message_id, add=["$Later"])
+            await until(lambda: "$Later" in box.message(message_id).flags, "a change in the opened month arrives")
+            assert all(name == "index" or name == month or WINDOW <= name < "undated" for name in box.document_names())
+            await mobile.go_offline()
+            assert await mobile.open_older(older[0], timeout=1) == []  # offline: nothing to fetch it from
+
+    asyncio.run(main())
+
+
 @pytest.mark.timeout(90)
 def test_a_flaky_link_never_loses_or_duplicates_a_change(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
