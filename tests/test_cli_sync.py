@@ -6,6 +6,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,19 @@ def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
 
         peers = as_json(desktop, "peers")
         assert peers["running"] is not None
+
+        # With the phone staying connected, `status` on either side shows the session and what is in sync.
+        with serving(phone):
+            deadline = time.monotonic() + 30
+            status: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                status = as_json(desktop, "status")
+                if any("default" in session["synced"] for session in status["sessions"]):
+                    break
+                time.sleep(0.3)
+            assert any("default" in session["synced"] for session in status["sessions"]), status
+            text = crdtmail(desktop, "status").stdout
+            assert "connected to " in text and "synced default" in text
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=20)
     assert server.returncode == 0, err
