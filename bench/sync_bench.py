@@ -208,19 +208,9 @@ def _peak_rss_mb(fallback: float) -> float:
 
 def _tcp_bytes(link: Any) -> tuple[int, int] | None:
     """(bytes received, bytes sent and acknowledged) on a link's TCP socket (Linux TCP_INFO); None elsewhere."""
-    import socket
-    import struct
+    from bench.alternatives.pyws_child import tcp_bytes
 
-    sock = link.websocket.transport.get_extra_info("socket") if link.websocket.transport else None
-    if sock is None or not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except OSError:
-        return None
-    if len(info) < 136:  # tcpi_bytes_acked at 120, tcpi_bytes_received at 128 (Linux 4.1+)
-        return None
-    return struct.unpack_from("=Q", info, 128)[0], struct.unpack_from("=Q", info, 120)[0]
+    return tcp_bytes(link.websocket.transport.get_extra_info("socket") if link.websocket.transport else None)
 
 
 async def _peer_node(config_path: Path) -> None:

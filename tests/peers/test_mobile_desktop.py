@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from crdtmail.config import RemotePeer
@@ -17,15 +15,7 @@ from peers.demo import compare
 from peers.desktop import DesktopPeer
 from peers.mobile import MobileConfig, MobilePeer
 from tests.conftest import make_raw
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.1)
-    return condition()
+from tests.peers.test_desktop import wait_for
 
 
 def test_phone_offline_then_online_converges_with_the_maildir(tmp_path: Path) -> None:
