@@ -110,28 +110,29 @@ def detect_source(path: Path) -> SourceKind:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise ImportSourceError(f"{_show(path)} does not exist; give the path of a Maildir or an mbox file") from None
+        raise ImportSourceError(
+            f"{show_path(path)} does not exist; give the path of a Maildir or an mbox file") from None
     except OSError as exc:
-        raise ImportSourceError(f"cannot read {_show(path)}: {exc.strerror or exc}") from exc
+        raise ImportSourceError(f"cannot read {show_path(path)}: {exc.strerror or exc}") from exc
     if stat.S_ISDIR(info.st_mode):
         if is_maildir(path) or any(is_maildir(child) for child in _subfolder_dirs(path)):
             return "maildir"
         raise ImportSourceError(
-            f"{_show(path)} is a directory but not a Maildir: expected cur/ and new/ inside it, "
+            f"{show_path(path)} is a directory but not a Maildir: expected cur/ and new/ inside it, "
             "or Maildir++ folders such as .Sent/cur"
         )
     if not stat.S_ISREG(info.st_mode):
         # Opening a FIFO would block; a device is never a mailbox.
-        raise ImportSourceError(f"{_show(path)} is not a regular file or directory; expected a Maildir or an mbox")
+        raise ImportSourceError(f"{show_path(path)} is not a regular file or directory; expected a Maildir or an mbox")
     try:
         with path.open("rb") as handle:
             first = _first_nonblank_line(handle)
     except OSError as exc:
-        raise ImportSourceError(f"cannot read {_show(path)}: {exc.strerror or exc}") from exc
+        raise ImportSourceError(f"cannot read {show_path(path)}: {exc.strerror or exc}") from exc
     if first is not None and first.startswith(b"From "):
         return "mbox"
     raise ImportSourceError(
-        f"{_show(path)} is neither a Maildir nor an mbox file (an mbox starts with a 'From ' line)"
+        f"{show_path(path)} is neither a Maildir nor an mbox file (an mbox starts with a 'From ' line)"
     )
 
 
@@ -240,7 +241,7 @@ def scan(path: Path) -> ImportScan:
         found.append(((), path))
     for folder_dir in _subfolder_dirs(path):
         if not is_maildir(folder_dir):
-            result.skipped.append(f"{_show(folder_dir)}: not a Maildir folder (no cur/ and new/ inside)")
+            result.skipped.append(f"{show_path(folder_dir)}: not a Maildir folder (no cur/ and new/ inside)")
             continue
         parts = _folder_path(folder_dir.name)
         if parts:
@@ -251,11 +252,11 @@ def scan(path: Path) -> ImportScan:
         result._directories.append(directory)
         for entry_path, name, _sub in _message_entries(directory):
             if name.startswith("."):
-                result.skipped.append(f"{_show(entry_path)}: a dot-file, not a message")
+                result.skipped.append(f"{show_path(entry_path)}: a dot-file, not a message")
             else:
                 result.total += 1
         for entry_path in _listing(directory / "tmp"):
-            result.skipped.append(f"{_show(entry_path)}: in tmp/, a delivery that never finished")
+            result.skipped.append(f"{show_path(entry_path)}: in tmp/, a delivery that never finished")
     return result
 
 
@@ -298,21 +299,21 @@ def _maildir_items(folder: tuple[str, ...], directory: Path) -> Iterator[ImportI
     for path, name, sub in _message_entries(directory):
         if name.startswith("."):
             continue
-        result = _read_file(path)
+        result = read_message_file(path)
         if isinstance(result, FileNotFoundError):
             # A running mail client renames cur/x:2, to cur/x:2,S when the mail is read: look for the file
             # under its new name before calling it lost.
             renamed = _find_renamed(directory, name)
             if renamed is not None:
                 path, name, sub = renamed
-                result = _read_file(path)
-        source = _show(path)
+                result = read_message_file(path)
+        source = show_path(path)
         if isinstance(result, bytes):
             _, info = split_maildir_name(name)
             flags = flags_from_maildir_info(info) if sub == "cur" and info is not None else frozenset()
             yield ImportItem(folder, result, flags, source, hashlib.sha256(result).hexdigest())
         elif isinstance(result, OSError):
-            yield ImportProblem(source, _describe_os_error(path, result))
+            yield ImportProblem(source, describe_os_error(path, result))
         else:
             yield ImportProblem(source, result)
 
@@ -325,7 +326,7 @@ def _find_renamed(directory: Path, name: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _read_file(path: str) -> bytes | OSError | str:
+def read_message_file(path: str) -> bytes | OSError | str:
     """The file's bytes, the OSError that stopped the read, or why the entry is not a readable message."""
     try:
         # O_NONBLOCK: a FIFO dropped into cur/ must not hang the import; regular files ignore the flag.
@@ -351,7 +352,7 @@ def _read_file(path: str) -> bytes | OSError | str:
     return raw
 
 
-def _describe_os_error(path: str, error: OSError) -> str:
+def describe_os_error(path: str, error: OSError) -> str:
     if isinstance(error, FileNotFoundError):
         if os.path.islink(path):
             return "a symbolic link to a file that does not exist"
@@ -361,7 +362,7 @@ def _describe_os_error(path: str, error: OSError) -> str:
     return f"cannot read it: {error.strerror or error}"
 
 
-def _show(path: str | Path) -> str:
+def show_path(path: str | Path) -> str:
     """A path as text that can always be printed or put in JSON: undecodable bytes become \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
@@ -389,7 +390,7 @@ def _count_mbox(path: Path) -> int:
                     count += joined.count(pattern)
                     tails[pattern] = joined[-(len(pattern) - 1) :]
     except OSError as exc:
-        raise ImportSourceError(f"cannot read {_show(path)}: {exc.strerror or exc}") from exc
+        raise ImportSourceError(f"cannot read {show_path(path)}: {exc.strerror or exc}") from exc
     return count
 
 
@@ -450,7 +451,7 @@ def _mbox_items(path: Path) -> Iterator[ImportItem | ImportProblem]:
     last_was_blank_line = False
 
     def finish() -> ImportItem | ImportProblem:
-        source = f"mbox:{_show(path)}#{number}"
+        source = f"mbox:{show_path(path)}#{number}"
         if too_large:
             return ImportProblem(source, f"larger than the {MAX_MESSAGE_BYTES} byte limit")
         # The blank line in front of the next separator belongs to the mbox format, not to the message.
@@ -486,7 +487,7 @@ def _mbox_items(path: Path) -> Iterator[ImportItem | ImportProblem]:
                     chunks.append(chunk)
     except OSError as exc:
         yield ImportProblem(
-            f"mbox:{_show(path)}#{number}", f"cannot read the rest of the file: {exc.strerror or exc}"
+            f"mbox:{show_path(path)}#{number}", f"cannot read the rest of the file: {exc.strerror or exc}"
         )
         return
     if number:

@@ -355,7 +355,7 @@ class Peer:
 
     def has_blob(self, sha256: str) -> bool:
         """Whether this peer holds a body, in its blob store or in a body source."""
-        return self.replica.store.backend("").has_blob(sha256) or any(s.has_body(sha256) for s in self.body_sources)
+        return any(s.has_body(sha256) for s in self.body_sources) or self.replica.store.backend("").has_blob(sha256)
 
     def blob(self, sha256: str) -> bytes | None:
         """A body this peer holds, verified."""

@@ -25,7 +25,7 @@ from crdtmail.errors import (
     StorageError,
 )
 from crdtmail.importer import ImportItem, ImportProblem, scan
-from crdtmail.model.mailbox import INBOX, Mailbox
+from crdtmail.model.mailbox import INBOX, ROLE_ALIASES, Mailbox
 from crdtmail.model.message import parse_message
 from crdtmail.storage.sqlite import SqliteMailboxBackend, SqliteStore
 
@@ -36,25 +36,6 @@ PEER_ID_KEY = "peer_id"
 # leaf page its random message ids touch); 2,000 messages keep the queued bodies near 50 MB.
 IMPORT_COMMIT_EVERY = 2000
 
-# Folder names that mail programs use for the standard roles (Maildir++ names, Outlook and Apple variants).
-ROLE_ALIASES: dict[str, str] = {
-    "inbox": "inbox",
-    "sent": "sent",
-    "sent items": "sent",
-    "sent messages": "sent",
-    "sent mail": "sent",
-    "drafts": "drafts",
-    "draft": "drafts",
-    "trash": "trash",
-    "deleted items": "trash",
-    "deleted messages": "trash",
-    "bin": "trash",
-    "junk": "junk",
-    "spam": "junk",
-    "junk e-mail": "junk",
-    "archive": "archive",
-    "archives": "archive",
-}
 
 
 class Replica:

@@ -51,13 +51,13 @@ from crdtmail.bridges.layout import (
     new_unique_name,
     renamed,
 )
+from crdtmail.bridges.parse_worker import read_and_parse
 from crdtmail.bridges.state import BridgeState, FileRecord, journal_path, path_from_journal
-from crdtmail.errors import CrdtmailError, ExpungedMessageError, MessageParseError, ModelError
-from crdtmail.importer import _describe_os_error, _read_file, _show
+from crdtmail.errors import CrdtmailError, ExpungedMessageError, ModelError
+from crdtmail.importer import read_message_file, show_path
 from crdtmail.model.backend import IndexRow
-from crdtmail.model.mailbox import INBOX, LOCAL, Mailbox, MailboxChange
-from crdtmail.model.message import Envelope, ParsedMessage, parse_message
-from crdtmail.replica import ROLE_ALIASES
+from crdtmail.model.mailbox import INBOX, LOCAL, ROLE_ALIASES, Mailbox, MailboxChange
+from crdtmail.model.message import Envelope, ParsedMessage
 from crdtmail.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -200,13 +200,13 @@ class MaildirBridge:
         if uid is None:
             return None
         record = self.state.records[uid]
-        result = _read_file(str(self.path(record.file)))
+        result = read_message_file(str(self.path(record.file)))
         if not isinstance(result, bytes):
             self.dirty_messages.add(record.message_id)
             return None
         if hashlib.sha256(result).hexdigest() != sha256:
-            log.warning("%s no longer matches the body of message %s; not serving it", _show(self.path(record.file)),
-                        record.message_id)
+            log.warning("%s no longer matches the body of message %s; not serving it",
+                        show_path(self.path(record.file)), record.message_id)
             return None
         return result
 
@@ -257,7 +257,7 @@ class MaildirBridge:
                 continue
             except OSError as exc:
                 self._listing_failed = True
-                self._problem(f"{_show(self.root / folder_dir / sub)}: cannot list it: {exc.strerror or exc}")
+                self._problem(f"{show_path(self.root / folder_dir / sub)}: cannot list it: {exc.strerror or exc}")
         return files
 
     def file_at(self, path: str) -> MaildirFile | None:
@@ -289,12 +289,12 @@ class MaildirBridge:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(source, target)
             elif op == "deliver" and source.exists() and not target.exists():
-                result = _read_file(str(source))
+                result = read_message_file(str(source))
                 if isinstance(result, bytes) and hashlib.sha256(result).hexdigest() == entry.get("sha256"):
                     os.rename(source, target)
                 else:  # our own half-written copy; the body is still in the blob store
                     self._to_expunged_area(source, "a delivery cut short")
-            log.info("bridge %s: finished an interrupted %s of %s", self.mailbox.name, op, _show(target))
+            log.info("bridge %s: finished an interrupted %s of %s", self.mailbox.name, op, show_path(target))
             # The state is brought up to date by the pass that follows, from what is on disk now.
             self.state.save(done_journal=entry_id)
 
@@ -507,7 +507,7 @@ class MaildirBridge:
             leftovers = [p for sub in ("tmp", "new", "cur") for p in _entries(directory / sub)]
             if leftovers:
                 log.warning("bridge %s: folder %s was deleted but %s still holds %d files; keeping it",
-                            self.mailbox.name, folder_dir, _show(directory), len(leftovers))
+                            self.mailbox.name, folder_dir, show_path(directory), len(leftovers))
             else:
                 for sub in ("tmp", "new", "cur"):
                     with contextlib.suppress(OSError):
@@ -553,13 +553,13 @@ class MaildirBridge:
         taken: dict[str, str] = {}  # message id -> uid of its pending primary
         for file, parsed in _parsed_files(self, files):
             if isinstance(parsed, str):
-                self._problem(f"{_show(self.path(file))}: {parsed}", file)
+                self._problem(f"{show_path(self.path(file))}: {parsed}", file)
                 continue
             message_id = parsed.message_id
             if message_id in taken:
                 report.copies += 1
                 log.info("bridge %s: %s is another copy of message %s; it stays one message", self.mailbox.name,
-                         _show(self.path(file)), message_id)
+                         show_path(self.path(file)), message_id)
                 pending[file.uid] = FileRecord(file.uid, message_id, self._folder_for_dir(file.folder_dir), file,
                                                file.letters, parsed.envelope.body_sha256, is_primary=False)
                 continue
@@ -600,7 +600,7 @@ class MaildirBridge:
                 return None
             report.copies += 1
             log.info("bridge %s: %s is another copy of message %s (%s); it stays one message", self.mailbox.name,
-                     _show(self.path(file)), message_id, _show(self.path(primary.file)))
+                     show_path(self.path(file)), message_id, show_path(self.path(primary.file)))
             return FileRecord(file.uid, message_id, folder_id, file, file.letters, sha256, is_primary=False)
         if row is not None:
             # The replica has it and no file was recorded for it: a first mirror of an existing replica, or our
@@ -670,7 +670,7 @@ class MaildirBridge:
     def _rename(self, record: FileRecord, file: MaildirFile, target: MaildirFile, report: PassReport) -> bool:
         source, destination = self.path(file), self.path(target)
         if os.path.lexists(destination):
-            self._problem(f"{_show(destination)} exists already; not renaming {_show(source)} over it")
+            self._problem(f"{show_path(destination)} exists already; not renaming {show_path(source)} over it")
             return False
         entry = self.state.journal({"op": "rename", "from": journal_path(file.relative()),
                                     "to": journal_path(target.relative())})
@@ -681,7 +681,7 @@ class MaildirBridge:
             # Another program renamed or moved the file in the meantime: the next pass finds its new name.
             self.state.save(done_journal=entry)
             self.dirty_messages.add(record.message_id)
-            log.info("bridge %s: %s moved under us; looking for it again", self.mailbox.name, _show(source))
+            log.info("bridge %s: %s moved under us; looking for it again", self.mailbox.name, show_path(source))
             return False
         self._step("rename")
         self.state.save(put=[replace(record, file=target)], done_journal=entry)
@@ -705,7 +705,7 @@ class MaildirBridge:
                 self.dirty_messages.add(record.message_id)
                 return
             log.info("bridge %s: message %s was expunged; its file is kept in %s for %g days", self.mailbox.name,
-                     record.message_id, _show(target), self.retention_days)
+                     record.message_id, show_path(target), self.retention_days)
             report.moved_to_expunged_area += 1
         self._step("expunge rename")
         self.state.save(delete=[record.uid], done_journal=entry)
@@ -730,7 +730,7 @@ class MaildirBridge:
             self.mailbox.expunge(record.message_id)
             report.expunged_in_replica += 1
             log.info("bridge %s: %s was removed from the Maildir; message %s expunged", self.mailbox.name,
-                     _show(self.path(record.file)), record.message_id)
+                     show_path(self.path(record.file)), record.message_id)
         self.mailbox.flush()
         self._step("replica expunge")
         self.state.save(delete=[record.uid])
@@ -847,7 +847,7 @@ class MaildirBridge:
             counter += 1
             target = target.with_name(f"{source.name}.{counter}")
         os.rename(source, target)
-        log.info("bridge %s: moved %s to %s: %s", self.mailbox.name, _show(source), _show(target), why)
+        log.info("bridge %s: moved %s to %s: %s", self.mailbox.name, show_path(source), show_path(target), why)
 
     def _purge_expunged_area(self) -> None:
         """Remove the days of the expunged area older than the retention period, the one deletion the user
@@ -864,7 +864,7 @@ class MaildirBridge:
             if day + dt.timedelta(days=1) < oldest:
                 shutil.rmtree(day_dir, ignore_errors=True)
                 log.info("bridge %s: retention of %g days passed: removed %s", self.mailbox.name,
-                         self.retention_days, _show(day_dir))
+                         self.retention_days, show_path(day_dir))
 
     def _problem(self, text: str, file: MaildirFile | None = None) -> None:
         if file is not None:
@@ -901,33 +901,13 @@ class _DeliveryJob:
     done: concurrent.futures.Future[None]  # every file written, fsynced and renamed, and the directories fsynced
 
 
-def _read_and_parse(paths: list[str]) -> list[ParsedMessage | str]:
-    """Read and parse files (in a worker process): each gives a ParsedMessage without its raw bytes, or why not.
-
-    The bytes stay in the worker: a desktop keeps bodies in the Maildir, so only the envelope crosses over.
-    """
-    results: list[ParsedMessage | str] = []
-    for path in paths:
-        raw = _read_file(path)
-        if isinstance(raw, OSError):
-            results.append(_describe_os_error(path, raw))
-        elif isinstance(raw, str):
-            results.append(raw)
-        else:
-            try:
-                results.append(replace(parse_message(raw), raw=b""))
-            except MessageParseError as exc:
-                results.append(str(exc))
-    return results
-
-
 def _parsed_files(bridge: MaildirBridge, files: list[MaildirFile]) -> Iterator[tuple[MaildirFile, ParsedMessage | str]]:
     """Each file parsed, in order. Many files (a first mirror) are read and parsed by a worker process on the
     other core while this one adds them to the replica; a few are read here, where no hand-off costs more."""
     paths = [bridge.path_text(file) for file in files]
     if len(files) < _WORKER_THRESHOLD:
-        for file, result in zip(files, _read_and_parse(paths), strict=True):
-            yield file, result
+        for file, path in zip(files, paths, strict=True):
+            yield file, read_and_parse(path)
         return
     worker = subprocess.Popen([sys.executable, "-m", "crdtmail.bridges.parse_worker"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE)

@@ -7,27 +7,35 @@ shard and envelope, or ``{"error": why}``. Bodies stay in the files, so only env
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 import orjson
 
 from crdtmail.errors import MessageParseError
-from crdtmail.importer import _describe_os_error, _read_file
-from crdtmail.model.message import parse_message
+from crdtmail.importer import describe_os_error, read_message_file
+from crdtmail.model.message import ParsedMessage, parse_message
+
+
+def read_and_parse(path: str) -> ParsedMessage | str:
+    """One Maildir file read and parsed, without its raw bytes (the body stays in the file), or why it cannot be."""
+    raw = read_message_file(path)
+    if isinstance(raw, OSError):
+        return describe_os_error(path, raw)
+    if isinstance(raw, str):
+        return raw
+    try:
+        return dataclasses.replace(parse_message(raw), raw=b"")
+    except MessageParseError as exc:
+        return str(exc)
 
 
 def describe(path: str) -> bytes:
     """One result line for one path."""
-    raw = _read_file(path)
-    if isinstance(raw, OSError):
-        return orjson.dumps({"error": _describe_os_error(path, raw)})
-    if isinstance(raw, str):
-        return orjson.dumps({"error": raw})
-    try:
-        parsed = parse_message(raw)
-    except MessageParseError as exc:
-        return orjson.dumps({"error": str(exc)})
+    parsed = read_and_parse(path)
+    if isinstance(parsed, str):
+        return orjson.dumps({"error": parsed})
     return orjson.dumps({"id": parsed.message_id, "shard": parsed.shard, "envelope": parsed.envelope.to_crdt()})
 
 

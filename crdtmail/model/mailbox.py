@@ -60,6 +60,26 @@ _STANDARD_FOLDERS: dict[str, str] = {
     "junk": "Junk",
     "archive": "Archive",
 }
+
+# Folder names that mail programs use for the standard roles (Maildir++ names, Outlook and Apple variants).
+ROLE_ALIASES: dict[str, str] = {
+    "inbox": "inbox",
+    "sent": "sent",
+    "sent items": "sent",
+    "sent messages": "sent",
+    "sent mail": "sent",
+    "drafts": "drafts",
+    "draft": "drafts",
+    "trash": "trash",
+    "deleted items": "trash",
+    "deleted messages": "trash",
+    "bin": "trash",
+    "junk": "junk",
+    "spam": "junk",
+    "junk e-mail": "junk",
+    "archive": "archive",
+    "archives": "archive",
+}
 INBOX = "inbox"
 TRASH = "trash"
 _SHARD_NAME = re.compile(r"^(\d{4}-(0[1-9]|1[0-2])|undated)$")
