@@ -34,7 +34,21 @@ def make_maildir(path: Path) -> Path:
 
 
 def maildir_view(root: Path) -> dict[str, tuple[str, str]]:
-    """message id -> (folder dir, flag letters) of every message file; fails on two files of one message."""
+    """message id -> (folder dir, flag letters) of every message file; fails on two files of one message.
+
+    A scan that races a rename (the file moved between two directory listings, or away before it was read) is
+    taken again: only a message held by two files in a quiet Maildir fails.
+    """
+    for _ in range(50):
+        view = _scan(root)
+        if view is not None:
+            return view
+        time.sleep(0.02)
+    duplicates = _scan(root, strict=True)
+    raise AssertionError(f"the Maildir never settled: {duplicates}")
+
+
+def _scan(root: Path, *, strict: bool = False) -> dict[str, tuple[str, str]] | None:
     view: dict[str, tuple[str, str]] = {}
     for folder in [root, *sorted(p for p in root.iterdir() if p.name.startswith("."))]:
         for sub in SUBDIRS:
@@ -42,10 +56,15 @@ def maildir_view(root: Path) -> dict[str, tuple[str, str]]:
             if not directory.is_dir():
                 continue
             for path in directory.iterdir():
-                message_id = parse_message(path.read_bytes()).message_id
+                try:
+                    message_id = parse_message(path.read_bytes()).message_id
+                except FileNotFoundError:
+                    return None
                 info = split_name(path.name)[1] or "" if sub == "cur" else ""
                 letters = "".join(sorted(ch for ch in info if ch in "DFPRST"))
-                assert message_id not in view, f"two files hold message {message_id}"
+                if message_id in view:
+                    assert not strict, f"two files hold message {message_id}"
+                    return None
                 view[message_id] = ("" if folder == root else folder.name, letters)
     return view
 
