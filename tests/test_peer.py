@@ -7,11 +7,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import Server
 
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
 from crdtmail.replica import Replica
 from crdtmail.sample import generate_messages, write_maildir
+from crdtmail.transport import Dialer
 
 
 def snapshot(mailbox: Mailbox) -> tuple[object, ...]:
@@ -30,6 +32,16 @@ async def until(condition: object, timeout: float = 15.0) -> None:
 
 def port_of(server: object) -> int:
     return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+
+async def hang_up(dialer: Dialer, task: asyncio.Task[None], peer: Peer, server: Server) -> None:
+    """Stop a dialing peer and the server it reached: no reconnect, its links closed, the server gone."""
+    dialer.stop()
+    for session in list(peer.sessions):
+        await session.link.close()
+    await asyncio.wait_for(task, 10)
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.mark.timeout(60)
@@ -79,12 +91,7 @@ def test_two_peers_converge_both_ways_after_offline_edits(tmp_path: Path) -> Non
         assert desk_box.message(ids[3]).folder_id == "trash"
         assert ids[5] not in {m.id for m in desk_box.all_messages()}
         assert "$Desk" in phone_box.message(ids[2]).flags
-        dialer.stop()
-        for session in list(phone.sessions):
-            await session.link.close()
-        await asyncio.wait_for(task, 10)
-        server.close()
-        await server.wait_closed()
+        await hang_up(dialer, task, phone, server)
 
     asyncio.run(main())
     desktop_replica.close()
@@ -184,12 +191,7 @@ def test_a_phone_fetches_only_recent_small_bodies(tmp_path: Path) -> None:
         await until(lambda: all(phone_box.body(i) is not None for i in wanted))
         await asyncio.sleep(0.3)  # nothing else trickles in afterwards
         assert {m.id for m in messages if phone_box.body(m.id) is not None} == wanted
-        dialer.stop()
-        for session in list(phone.sessions):
-            await session.link.close()
-        await asyncio.wait_for(task, 10)
-        server.close()
-        await server.wait_closed()
+        await hang_up(dialer, task, phone, server)
 
     asyncio.run(main())
     desktop_replica.close()
@@ -225,12 +227,7 @@ def test_the_dialing_peer_resyncs_both_ways_after_the_server_restarts(tmp_path: 
         await until(lambda: second in {m.id for m in phone.mailbox("default").all_messages()}
                     and "\\Seen" in desk_box.message(first).flags)
         assert dialer.connections == 2
-        dialer.stop()
-        for session in list(phone.sessions):
-            await session.link.close()
-        await asyncio.wait_for(task, 10)
-        server.close()
-        await server.wait_closed()
+        await hang_up(dialer, task, phone, server)
 
     asyncio.run(main())
     desktop_replica.close()
@@ -263,12 +260,7 @@ def test_a_sync_window_keeps_old_shards_off_the_phone(tmp_path: Path) -> None:
         desk_box.set_flags(newest, add=["$Later"])
         await until(lambda: "$Later" in phone_box.message(newest).flags)
         assert all(name == "index" or name >= "2026-09" for name in phone_box.document_names())
-        dialer.stop()
-        for session in list(phone.sessions):
-            await session.link.close()
-        await asyncio.wait_for(task, 10)
-        server.close()
-        await server.wait_closed()
+        await hang_up(dialer, task, phone, server)
 
     asyncio.run(main())
     desktop_replica.close()
