@@ -750,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phones", type=int, default=2, help="simulated phones (2)")
     p.add_argument("--seed", type=int, default=1)
     p = add("mobile", cmd_mobile, "run a simulated phone: online/offline periods, a user, mail arriving")
-    from peers.mobile import add_arguments as add_mobile_arguments
+    from peers.mobile_args import add_arguments as add_mobile_arguments
 
     add_mobile_arguments(p, common=False)
     return parser
