@@ -74,3 +74,16 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{stamp}-{socket.gethostname()}-{name}.json"
     path.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return path
+
+
+def code_fingerprint(tag: str) -> str:
+    """What a cached benchmark fixture depends on: ``tag`` (its size, its seed) and crdtmail's source code, so
+    that a fixture written by older code is built again."""
+    import hashlib
+
+    digest = hashlib.sha256(tag.encode())
+    root = BENCH_DIR.parent / "crdtmail"
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 
 from bench import sync_bench
-from bench.common import BENCH_DIR, RESULTS_DIR, WORK_DIR, machine
+from bench.common import RESULTS_DIR, WORK_DIR, machine
 
 SCENARIOS = ("floor", "one_hop", "throughput", "topologies", "alternatives", "initial_sync", "reconnect", "desktop")
 P99_LIMIT_MS = 10.0
@@ -179,26 +179,14 @@ def scenario_topologies(settings: Settings, work: Path) -> dict[str, Any]:
     return out
 
 
-def _fingerprint(count: int) -> str:
-    """What a cached source peer depends on: the crdtmail code that wrote it and the generated mailbox."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{count}-s0".encode())
-    root = BENCH_DIR.parent / "crdtmail"
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def source_peer(count: int, work_dir: Path) -> tuple[Path, dict[str, Any]]:
     """A peer holding the generated ``count``-message mailbox, imported once per version of crdtmail's code."""
     from bench import desktop_bench, import_bench
-    from bench.common import python_child
+    from bench.common import code_fingerprint, python_child
 
     data_dir = work_dir / "suite" / f"source-{count}"
     stamp = data_dir / "bench-fingerprint"
-    fingerprint = _fingerprint(count)
+    fingerprint = code_fingerprint(f"{count}-s0")
     if stamp.exists() and stamp.read_text() == fingerprint:
         return data_dir, {"cached": True}
     maildir = work_dir / f"maildir-{count}-s0"
@@ -352,11 +340,12 @@ def _get(data: Any, *path: str | int) -> Any:
     return data
 
 
-def _row(figure: str, unit: str, ours: Any, alternative: str, theirs: Any, note: str = "") -> dict[str, Any]:
+def _row(figure: str, unit: str, ours: Any, alternative: str, theirs: Any, note: str = "", *,
+         crdtmail_mode: str | None = None) -> dict[str, Any]:
     ratio = float(f"{ours / theirs:.3g}") if isinstance(ours, int | float) and isinstance(theirs, int | float) \
         and theirs else None
-    return {"figure": figure, "unit": unit, "crdtmail": ours, "alternative": alternative, "alternative_value": theirs,
-            "ratio": ratio, "note": note}
+    return {"figure": figure, "unit": unit, "crdtmail": ours, "crdtmail_compression": crdtmail_mode,
+            "alternative": alternative, "alternative_value": theirs, "ratio": ratio, "note": note}
 
 
 def comparison(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
@@ -366,27 +355,46 @@ def comparison(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
     hop = _get(scenarios, "one_hop", "desktop_to_mobile") or {}
     relay = _get(scenarios, "topologies", "relay_at_hop_interval") or {}
     initial = scenarios.get("initial_sync") or {}
+    # crdtmail measured in the alternatives' own rounds and topology, per compression mode (when it ran there).
+    same_rounds = {mode: variant for mode, variant in (_get(alternatives, "crdtmail", "variants") or {}).items()
+                   if variant.get("ok")}
     for stack in ("pycrdt-websocket", "y-websocket"):
         for mode, variant in (_get(alternatives, stack, "variants") or {}).items():
             if not variant.get("ok"):
                 continue
             name = f"{stack} ({'deflate' if mode == 'deflate' else 'no compression'})"
             theirs = variant.get("one_hop") or {}
+            ours = same_rounds.get(mode)
             for key in ("p50_ms", "p99_ms"):
                 rows.append(_row(f"one hop {key[:3]}; crdtmail peer to peer", "ms", hop.get(key), name,
-                                 theirs.get(key), "theirs: A -> server -> B"))
-                rows.append(_row(f"one hop {key[:3]}; crdtmail A -> relay peer -> C", "ms", relay.get(key), name,
-                                 theirs.get(key), "the same topology as theirs"))
+                                 theirs.get(key), "crdtmail: the one_hop scenario, no compression; theirs: "
+                                 "A -> server -> B", crdtmail_mode="none"))
+                if ours is not None:
+                    rows.append(_row(f"one hop {key[:3]}; A -> serving peer -> B, same rounds", "ms",
+                                     _get(ours, "one_hop", key), name, theirs.get(key), "the same topology, "
+                                     "compression and rounds as theirs", crdtmail_mode=mode))
+                else:
+                    rows.append(_row(f"one hop {key[:3]}; crdtmail A -> relay peer -> C", "ms", relay.get(key), name,
+                                     theirs.get(key), "the same topology as theirs (topologies scenario)",
+                                     crdtmail_mode="none"))
             for count, sync in (variant.get("initial_sync") or {}).items():
-                ours = _get(initial, count, "full") or {}
-                if not sync.get("runs") or not ours:
+                if not sync.get("runs"):
                     continue
+                mine = _get(ours, "initial_sync", count) if ours is not None else None
+                if mine and mine.get("runs"):
+                    seconds, received, ours_mode = mine.get("median_s"), mine.get("wire_bytes_received"), mode
+                else:
+                    full = _get(initial, count, "full") or {}
+                    if not full:
+                        continue
+                    seconds = full.get("seconds")
+                    received = full.get("tcp_bytes_received") or full.get("bytes_received")
+                    ours_mode = "none"
                 note = "crdtmail: index + month shards, committed to SQLite; theirs: one document in memory"
-                rows.append(_row(f"initial sync of {int(count):,} messages, median time", "s", ours.get("seconds"),
-                                 name, sync.get("median_s"), note))
-                rows.append(_row(f"initial sync of {int(count):,} messages, TCP bytes received", "bytes",
-                                 ours.get("tcp_bytes_received") or ours.get("bytes_received"), name,
-                                 sync.get("wire_bytes_received"), "crdtmail: no compression"))
+                rows.append(_row(f"initial sync of {int(count):,} messages, median time", "s", seconds, name,
+                                 sync.get("median_s"), note, crdtmail_mode=ours_mode))
+                rows.append(_row(f"initial sync of {int(count):,} messages, TCP bytes received", "bytes", received,
+                                 name, sync.get("wire_bytes_received"), note, crdtmail_mode=ours_mode))
     mbsync = _get(alternatives, "mbsync", "sizes") or {}
     desktop = scenarios.get("desktop") or {}
     reconnect = _get(scenarios, "reconnect", "by_changes") or {}
@@ -524,18 +532,25 @@ def comparison_tables(rows: list[dict[str, Any]]) -> list[str]:
     if ws:
         columns = list(dict.fromkeys(row["alternative"] for row in ws))
         figures: dict[str, dict[str, dict[str, Any]]] = {}
+        ours: dict[str, dict[str | None, Any]] = {}
         for row in ws:
             figures.setdefault(row["figure"], {})[row["alternative"]] = row
-        lines += ["| figure | crdtmail | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+            ours.setdefault(row["figure"], {})[row["crdtmail_compression"]] = row["crdtmail"]
+        lines += ["| figure | crdtmail (no compression) | crdtmail (deflate) | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 3) + "|"]
         for figure, by_column in figures.items():
-            first = next(iter(by_column.values()))
-            cells = [f"{_fmt(by_column[c]['alternative_value'], first['unit'])} ({_ratio(by_column[c]['ratio'])})"
+            unit = next(iter(by_column.values()))["unit"]
+            cells = [f"{_fmt(by_column[c]['alternative_value'], unit)} ({_ratio(by_column[c]['ratio'])})"
                      if c in by_column else "-" for c in columns]
-            lines.append(f"| {figure} | {_fmt(first['crdtmail'], first['unit'])} | " + " | ".join(cells) + " |")
-        lines += ["", "Their hop is A -> room server -> B (neither stack has peer-to-peer links); crdtmail's "
-                  "\"A -> relay peer -> C\" rows are that topology, its \"peer to peer\" rows its normal one. In "
-                  "an initial sync crdtmail receives an index and month shards and commits them, with its derived "
-                  "rows, to SQLite; theirs fill one document in memory. crdtmail's links are not compressed.", ""]
+            mine = [_fmt(ours[figure].get(mode), unit) for mode in ("none", "deflate")]
+            lines.append(f"| {figure} | {mine[0]} | {mine[1]} | " + " | ".join(cells) + " |")
+        lines += ["", "Each ratio compares crdtmail with the same compression (a figure crdtmail has only without "
+                  "compression is compared with both). Their hop is A -> room server -> B (neither stack has "
+                  "peer-to-peer links): crdtmail's \"A -> serving peer -> B, same rounds\" rows are that topology, "
+                  "measured in the same interleaved rounds (a crdtmail peer serves, commits and relays); its "
+                  "\"peer to peer\" rows are its normal topology, from the one_hop scenario. In an initial sync "
+                  "crdtmail receives an index and month shards and commits them, with its derived rows, to "
+                  "SQLite; theirs fill one document in memory.", ""]
     other = [row for row in rows if row["alternative"].startswith("mbsync")]
     if other:
         lines += ["| figure | crdtmail | mbsync + Dovecot | ratio | note |", "|---|---|---|---|---|"]

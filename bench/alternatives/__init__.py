@@ -3,9 +3,11 @@
 - ``pycrdt-websocket``: a pycrdt-websocket ``WebsocketServer`` room and two pycrdt ``Provider`` clients.
 - ``y-websocket``: the Node reference stack, ``@y/websocket-server`` with yjs / y-websocket / ws clients.
 - ``mbsync``: isync's mbsync pulling a Dovecot IMAP Maildir into a local Maildir.
+- ``crdtmail``: crdtmail itself in the WebSocket stacks' topology (A -> serving peer -> B), so that its figures
+  come from the same interleaved rounds as theirs.
 
-The two WebSocket stacks run with and without permessage-deflate, interleaved (see ``wsstacks``); mbsync runs
-after them (see ``mbsync_bench``). A stack that cannot be installed is reported as
+The WebSocket stacks (crdtmail included) run with and without permessage-deflate, interleaved (see
+``wsstacks``); mbsync runs after them (see ``mbsync_bench``). A stack that cannot be installed is reported as
 ``{"available": false, "why": ...}``, never dropped.
 
 ``python -m bench.alternatives [--quick]`` prints the result as JSON and writes
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STACKS = ("pycrdt-websocket", "y-websocket", "mbsync")
+STACKS = ("crdtmail", "pycrdt-websocket", "y-websocket", "mbsync")
 
 
 def run_alternatives(*, quick: bool, work_dir: Path, stacks: tuple[str, ...] = STACKS,

@@ -21,6 +21,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 MAX_MESSAGE = 256 * 1024 * 1024  # websockets' default (1 MiB) drops the sync step 2 of a 10k-entry document
@@ -29,7 +30,7 @@ TCP_INFO_BYTES_RECEIVED = 128
 SETTLE_S = 0.1  # after an initial sync, before its bytes are counted (the Node client waits as long)
 
 
-def _exit_when_stdin_closes(on_line: Any = None) -> None:
+def exit_when_stdin_closes(on_line: Any = None) -> None:
     """Read stdin on a thread: hand each line to ``on_line``; end the process at EOF (the parent is gone)."""
 
     def reader() -> None:
@@ -255,15 +256,15 @@ class Client:
         raise ValueError(f"unknown command {name!r}")
 
 
-async def run_client(mode: str) -> None:
-    client = Client(mode)
+async def answer_commands(handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """One JSON reply on stdout per JSON command on stdin, until ``quit`` (or stdin closes: the process ends)."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
-    _exit_when_stdin_closes(lambda line: loop.call_soon_threadsafe(lines.put_nowait, line))
+    exit_when_stdin_closes(lambda line: loop.call_soon_threadsafe(lines.put_nowait, line))
     while True:
         command = json.loads(await lines.get())
         try:
-            reply = await client.handle(command)
+            reply = await handle(command)
         except Exception as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
@@ -272,10 +273,14 @@ async def run_client(mode: str) -> None:
             return
 
 
+async def run_client(mode: str) -> None:
+    await answer_commands(Client(mode).handle)
+
+
 def main(argv: list[str]) -> int:
     role, mode = argv[0], argv[1]
     if role == "server":
-        _exit_when_stdin_closes()
+        exit_when_stdin_closes()
         asyncio.run(serve(mode))
     elif role == "client":
         asyncio.run(run_client(mode))

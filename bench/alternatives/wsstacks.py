@@ -1,5 +1,5 @@
-"""The WebSocket stacks: pycrdt-websocket (Python) and the y-websocket reference stack (Node), each with and
-without permessage-deflate, measured interleaved in one run.
+"""The WebSocket stacks: pycrdt-websocket (Python), the y-websocket reference stack (Node) and crdtmail itself,
+each with and without permessage-deflate, measured interleaved in one run.
 
 Each variant (stack x compression) is three processes on 127.0.0.1: a room server, client A and client B.
 A and B join the room ``latency``: A sets ``flags["<id>/\\Seen"] = True`` (a flag change) every
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.alternatives.procs import Child, ChildError, Children, latency_summary
+from crdtmail.errors import CrdtmailError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -66,6 +67,18 @@ Y_WEBSOCKET_NOTES = [
     "1 KiB threshold applies only with no_context_takeover, and zlib runs on libuv's thread pool.",
     "The server sends every update to every connection of the room, the sender included; the client drops "
     "the echo by origin.",
+]
+
+
+CRDTMAIL_NOTES = [
+    "crdtmail in the alternatives' topology and rounds: client A and client B are crdtmail peers (each its "
+    "own data directory) that dial a serving crdtmail peer, which commits each change and relays it; a room "
+    "is a mailbox. A change is a keyword toggled on one of 200 messages; B's time is when its replica has "
+    "committed it. crdtmail's own topology, peer to peer, is the suite's one_hop scenario.",
+    "Initial sync: a fresh peer (a new data directory) syncs the room's mailbox, an index document and its "
+    "month shards, and commits them with their derived listing rows to SQLite before it counts as done.",
+    "Messages sharing a Message-ID are one message in crdtmail: the 1,000- and 10,000-message rooms hold 998 "
+    "and 9,972 messages (the other stacks' documents give every sample message its own key).",
 ]
 
 
@@ -168,7 +181,7 @@ def build_document(path: Path, count: int, seed: int = 0) -> dict[str, Any]:
 class Variant:
     """One stack with one compression setting: its server and its two clients."""
 
-    stack: str  # "pycrdt-websocket" or "y-websocket"
+    stack: str  # "crdtmail", "pycrdt-websocket" or "y-websocket"
     compression: str  # "none" or "deflate"
     server_argv: list[str]
     client_argv: list[str]
@@ -245,6 +258,7 @@ def _sync_summary(runs: list[dict[str, Any]], count: int) -> dict[str, Any]:
         "max_s": seconds[-1],
         "all_s": [run["seconds"] for run in runs],
         "complete": all(run["entries"] == count for run in runs),
+        "messages": last.get("messages", count),
         "payload_bytes_received": last["payload_bytes_received"],
         "wire_bytes_received": last["wire_bytes_received"],
         "wire_bytes_sent": last["wire_bytes_sent"],
@@ -278,6 +292,18 @@ def run_websocket_stacks(*, quick: bool, work_dir: Path, stacks: tuple[str, ...]
     }
     out: dict[str, Any] = {}
     variants: list[Variant] = []
+    if "crdtmail" in stacks:
+        from bench.alternatives.crdtmail_child import prepare_server
+
+        try:
+            server_dir, _token, prepared = prepare_server(scratch, sizes)
+            out["crdtmail"] = {"available": True, "prepared": prepared, "notes": CRDTMAIL_NOTES}
+            child = [sys.executable, "-m", "bench.alternatives.crdtmail_child"]
+            variants += [Variant("crdtmail", mode, [*child, "server", mode, str(server_dir)],
+                                 [*child, "client", mode, str(server_dir), str(scratch / "crdtmail-clients")],
+                                 REPO) for mode in ("none", "deflate")]
+        except (OSError, CrdtmailError) as exc:
+            out["crdtmail"] = {"available": False, "why": f"preparing its serving peer failed: {exc}"}
     python = [sys.executable, "-m", "bench.alternatives.pyws_child"]
     if "pycrdt-websocket" in stacks:
         try:

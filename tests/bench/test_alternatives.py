@@ -96,6 +96,17 @@ def test_pycrdt_websocket_runs_with_and_without_compression(results: dict[str, A
 
 
 @pytest.mark.timeout(240)
+def test_crdtmail_runs_in_the_same_rounds_with_and_without_compression(results: dict[str, Any]) -> None:
+    stack = results["stacks"]["crdtmail"]
+    assert stack["available"], stack.get("why")
+    _check_websocket_stack(stack, results["websocket_settings"])
+    assert stack["versions"]["crdtmail"] and stack["versions"]["pycrdt"]
+    for variant in stack["variants"].values():
+        # Of 1,000 sample messages, two share a Message-ID with another: crdtmail holds 998 messages.
+        assert variant["initial_sync"]["1000"]["complete"]
+
+
+@pytest.mark.timeout(240)
 def test_y_websocket_runs_where_node_and_npm_are(results: dict[str, Any]) -> None:
     stack = results["stacks"]["y-websocket"]
     if not stack["available"]:

@@ -1,7 +1,8 @@
 """The benchmark suite, reduced: it runs, writes its JSON, Markdown and plots, and they hold what they should.
 
 One run of every scenario except the desktop one (its Maildir work lives in bench/.work/desktop and it takes
-longer) with fewer samples than ``--quick``, and of the pycrdt-websocket alternative only, in about a minute.
+longer) with fewer samples than ``--quick``, and of crdtmail in the alternatives' rounds beside the
+pycrdt-websocket alternative only, in about a minute.
 Never asserts a timing: only the structure, and sanity (a latency is positive, p50 <= p99 <= max).
 """
 
@@ -26,7 +27,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     settings = suite.reduced(
         suite.Settings.for_run(True), hop_samples=100, hop_warmup=20, throughput_intervals_ms=(2, 0.5, 0),
         throughput_step_seconds=0.2, throughput_min_changes=100, topology_samples=50, topology_warmup=0,
-        reconnect_messages=300, reconnect_changes=(10, 50), alternative_stacks=("pycrdt-websocket",))
+        reconnect_messages=300, reconnect_changes=(10, 50), alternative_stacks=("crdtmail", "pycrdt-websocket"))
     return suite.run_suite(quick=True, results_dir=base / "results", work_dir=base / "work", only=SCENARIOS,
                            settings=settings)
 
@@ -87,7 +88,7 @@ def test_sync_figures_are_sane(run: dict[str, Any]) -> None:
 
 def test_alternatives_sit_beside_crdtmail_with_ratios(run: dict[str, Any]) -> None:
     stacks = run["scenarios"]["alternatives"]["stacks"]
-    assert stacks.keys() == {"pycrdt-websocket"}
+    assert stacks.keys() == {"crdtmail", "pycrdt-websocket"}
     rows = run["comparison"]
     assert rows, "the pycrdt-websocket figures are compared"
     for row in rows:
@@ -96,8 +97,20 @@ def test_alternatives_sit_beside_crdtmail_with_ratios(run: dict[str, Any]) -> No
     figures = {row["figure"] for row in rows}
     assert any("one hop p50" in figure for figure in figures)
     assert any("initial sync of 1,000 messages" in figure for figure in figures)
+    # crdtmail's figures in its own column per compression mode, each from the same rounds as theirs.
+    same_rounds = [row for row in rows if "same rounds" in row["figure"] or "initial sync" in row["figure"]]
+    assert {row["crdtmail_compression"] for row in same_rounds} == {"none", "deflate"}
+    for row in same_rounds:
+        mode = row["crdtmail_compression"]
+        assert row["alternative"].endswith("(deflate)") is (mode == "deflate")
+        variant = stacks["crdtmail"]["variants"][mode]
+        if "one hop p50" in row["figure"]:
+            assert row["crdtmail"] == variant["one_hop"]["p50_ms"]
+        if "median time" in row["figure"]:
+            assert row["crdtmail"] == variant["initial_sync"]["1000"]["median_s"]
     markdown = Path(run["files"]["markdown"]).read_text()
-    assert "| figure | crdtmail | pycrdt-websocket (no compression) | pycrdt-websocket (deflate) |" in markdown
+    assert ("| figure | crdtmail (no compression) | crdtmail (deflate) | pycrdt-websocket (no compression) | "
+            "pycrdt-websocket (deflate) |") in markdown
     assert "one hop desktop to mobile" in markdown and "reconnect after 50 offline changes" in markdown
 
 
