@@ -70,8 +70,8 @@ def _latency_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | None:
     _cdf(left, "crdtmail mobile -> desktop", hop.get("mobile_to_desktop"), color="tab:cyan")
     _cdf(left, "crdtmail A -> relay -> C", topologies.get("relay_at_hop_interval"), color="tab:purple")
     stacks = ((scenarios.get("alternatives") or {}).get("stacks")) or {}
-    colours = iter(["tab:orange", "tab:red", "tab:green", "tab:olive"])
-    for stack in ("pycrdt-websocket", "y-websocket"):
+    colours = iter(["tab:pink", "tab:brown", "tab:orange", "tab:red", "tab:green", "tab:olive"])
+    for stack in ("crdtmail", "pycrdt-websocket", "y-websocket"):
         for mode, variant in ((stacks.get(stack) or {}).get("variants") or {}).items():
             if variant.get("ok"):
                 _percentile_marks(left, f"{stack} {mode} (A -> server -> B)", variant.get("one_hop"),
