@@ -42,10 +42,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM, which starts afresh at exec. (ru_maxrss does not: Linux carries a
+    forking parent's RSS over into it, so a child of a big parent would report at least the parent's size.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 SELF_REPORT = """
-import resource, sys, orjson
+import sys, orjson
+from bench.common import peak_rss_mb
 def report(**figures):
-    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures["peak_rss_mb"] = peak_rss_mb()
     sys.stdout.write(orjson.dumps(figures).decode() + "\\n")
 """
 
@@ -53,7 +68,7 @@ def report(**figures):
 def python_child(code: str, *args: str, timeout: float = 3600) -> dict[str, Any]:
     """Run Python code in a fresh interpreter of this venv; the code calls ``report(**figures)`` once.
 
-    The child measures its own peak RSS (ru_maxrss of RUSAGE_SELF), so only that process counts.
+    The child measures its own peak RSS (``peak_rss_mb``), so only that process counts.
     """
     started = time.perf_counter()
     result = subprocess.run(
