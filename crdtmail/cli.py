@@ -516,7 +516,8 @@ async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
     scheme = "wss" if tls else "ws"
     out.write(f"listening on {scheme}://{bound[0]}:{bound[1]}/sync (peer {peer.peer_id}); Ctrl-C stops\n")
     out.flush()
-    tasks = [asyncio.create_task(peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls()).run())
+    tasks = [asyncio.create_task(peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
+                                           compression=remote.compression).run())
              for remote in replica.config.peers]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -554,11 +555,13 @@ def cmd_desktop(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_connect(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as replica:
         mailboxes = tuple(args.mailboxes or [args.mailbox or replica.config.default_mailbox])
-        remote = RemotePeer(args.url, args.token, mailboxes, Path(args.ca).expanduser() if args.ca else None)
+        remote = RemotePeer(args.url, args.token, mailboxes, Path(args.ca).expanduser() if args.ca else None,
+                            "deflate" if args.compress else None)
         RemotePeer.from_toml({"url": remote.url, "token": remote.token, "mailboxes": list(mailboxes)},
                              replica.config.path)
         replica.config.add_peer(remote)
-    out.write(f"will sync {', '.join(mailboxes)} with {args.url} (saved in {replica.config.path})\n")
+    compressed = ", compressed" if remote.compression else ""
+    out.write(f"will sync {', '.join(mailboxes)} with {args.url}{compressed} (saved in {replica.config.path})\n")
     return EXIT_OK
 
 
@@ -573,8 +576,9 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
     else:
         for r in results:
             state = "in sync" if r["synced"] else f"NOT in sync ({r['error'] or 'timed out'})"
+            compressed = " (compressed)" if r["compressed"] else ""
             out.write(f"{r['url']}: {', '.join(r['mailboxes'])} {state}; sent {r['bytes_sent']} B, "
-                      f"received {r['bytes_received']} B\n")
+                      f"received {r['bytes_received']} B{compressed}\n")
     if failed:
         sys.stderr.write(f"crdtmail: error: {len(failed)} of {len(results)} peers could not be synced; local "
                          "changes are kept and go out at the next sync\n")
@@ -593,20 +597,23 @@ async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
             remote = next((r for r in remotes if r.url == session.link.name), None)
             if remote and set(remote.mailboxes) <= session.synced and not session.connection.wanted_blobs:
                 figures[remote.url] = {"bytes_sent": session.connection.bytes_sent,
-                                       "bytes_received": session.connection.bytes_received}
+                                       "bytes_received": session.connection.bytes_received,
+                                       "compressed": session.link.compressed}
         return len(figures) == len(remotes)
 
     dialers = await peer.dial_until(remotes, all_synced, timeout=timeout)
     return [
         {"url": remote.url, "mailboxes": list(remote.mailboxes), "synced": remote.url in figures,
-         "error": dialer.last_error, **figures.get(remote.url, {"bytes_sent": 0, "bytes_received": 0})}
+         "error": dialer.last_error,
+         **figures.get(remote.url, {"bytes_sent": 0, "bytes_received": 0, "compressed": False})}
         for remote, dialer in zip(remotes, dialers, strict=True)
     ]
 
 
 def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as replica:
-        configured = [{"url": r.url, "mailboxes": list(r.mailboxes)} for r in replica.config.peers]
+        configured = [{"url": r.url, "mailboxes": list(r.mailboxes), "compression": r.compression or "none"}
+                      for r in replica.config.peers]
         status_path = replica.data_dir / STATUS_FILE
         live: dict[str, Any] | None = None
         if status_path.exists():
@@ -617,7 +624,8 @@ def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
         _emit_json({"configured": configured, "running": live}, out)
         return EXIT_OK
     for entry in configured:
-        out.write(f"dials {entry['url']} for {', '.join(entry['mailboxes'])}\n")
+        compressed = ", compressed" if entry["compression"] != "none" else ""
+        out.write(f"dials {entry['url']} for {', '.join(entry['mailboxes'])}{compressed}\n")
     if live is None:
         out.write("no `crdtmail serve` is running for this data directory\n")
         return EXIT_OK
@@ -740,6 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", required=True, help="the token `crdtmail pair` printed on that peer")
     p.add_argument("--for", dest="mailboxes", action="append", metavar="MAILBOX", help="mailbox to sync (repeatable)")
     p.add_argument("--ca", default=None, help="a CA or self-signed certificate (PEM) to trust for a wss:// URL")
+    p.add_argument("--compress", action="store_true",
+                   help="ask that peer for permessage-deflate: fewer bytes, more CPU (for a slow or metered link)")
     p = add("sync", cmd_sync, "sync once with every configured peer, then exit")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every peer")
     add("peers", cmd_peers, "configured peers, and what a running `crdtmail serve` is connected to")

@@ -11,6 +11,7 @@ speaks plain y-websocket for one document, so a stock Yjs client can sync a shar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import ssl as ssl_module
@@ -396,14 +397,18 @@ class Peer:
                                  limits=self.limits, ssl=ssl)
 
     def dial(self, url: str, token: str, mailboxes: Sequence[str], *,
-             ssl: ssl_module.SSLContext | None = None, **backoff: Any) -> Dialer:
-        """A dialer that keeps a link to ``url`` up, syncing ``mailboxes``; run it with ``await dialer.run()``."""
+             ssl: ssl_module.SSLContext | None = None, compression: str | None = None, **backoff: Any) -> Dialer:
+        """A dialer that keeps a link to ``url`` up, syncing ``mailboxes``; run it with ``await dialer.run()``.
+
+        ``compression="deflate"`` asks that peer for permessage-deflate on this link (a slow or metered one).
+        """
         wanted = list(mailboxes)
+        limits = dataclasses.replace(self.limits, compression=compression) if compression else self.limits
 
         async def on_link(link: Link) -> None:
             await _Session(self, link, SyncConnection(Role.CLIENT), wanted=wanted).run()
 
-        dialer = Dialer(url, token, on_link, limits=self.limits, ssl=ssl, **backoff)
+        dialer = Dialer(url, token, on_link, limits=limits, ssl=ssl, **backoff)
         self.dialers.append(dialer)
         return dialer
 
@@ -414,7 +419,7 @@ class Peer:
         Returns the dialers, which tell what went wrong (``last_error``) with a peer that was not reached.
         """
         dialers = [self.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
-                             max_delay=max_delay) for remote in remotes]
+                             compression=remote.compression, max_delay=max_delay) for remote in remotes]
         tasks = [asyncio.create_task(dialer.run()) for dialer in dialers]
         deadline = time.monotonic() + timeout
         while tasks and time.monotonic() < deadline and not done():

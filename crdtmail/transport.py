@@ -49,9 +49,12 @@ class TransportLimits:
     open_timeout: float = 10.0
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
-    # permessage-deflate costs more than it saves on a fast link (DESIGN.md: a 29 MB initial sync took 3.7x
-    # longer on loopback with it); a slow mobile link may want "deflate".
+    # What a dialer asks for. permessage-deflate costs more than it saves on a fast link (DESIGN.md: a 29 MB
+    # initial sync took 3.7x longer on loopback with it); a slow or metered link may want "deflate", chosen per
+    # remote peer in the config.
     compression: str | None = None
+    # A listener agrees to permessage-deflate when a dialer asks for it: the dialer knows its link.
+    accept_compression: bool = True
 
 
 class Link:
@@ -73,6 +76,11 @@ class Link:
     def pending_bytes(self) -> int:
         """Bytes queued for sending and not yet handed to the socket."""
         return self._pending_bytes
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the two ends agreed on permessage-deflate for this link."""
+        return any(extension.name == "permessage-deflate" for extension in self.websocket.protocol.extensions)
 
     @property
     def closed(self) -> bool:
@@ -194,7 +202,7 @@ async def serve_links(
         handler, host, port,
         process_request=check_token,
         ssl=ssl,
-        compression=limits.compression,
+        compression="deflate" if limits.accept_compression or limits.compression else None,
         max_size=limits.max_frame_bytes,
         max_queue=limits.incoming_queue,
         open_timeout=limits.open_timeout,

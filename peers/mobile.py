@@ -284,7 +284,8 @@ class MobilePeer:
         self._ensure_monitor()
         for index, remote in enumerate(self.config.remotes):
             dialer = self.peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
-                                    initial_delay=self.config.reconnect_initial, max_delay=self.config.reconnect_max,
+                                    compression=remote.compression, initial_delay=self.config.reconnect_initial,
+                                    max_delay=self.config.reconnect_max,
                                     rng=random.Random(f"crdtmail-mobile-backoff-{self.config.seed}-{index}"))
             self._dialers.append(dialer)
             self._dial_tasks.append(asyncio.create_task(dialer.run(), name=f"crdtmail-mobile-dial {remote.url}"))

@@ -107,6 +107,42 @@ def test_sync_with_a_wrong_token_says_so(tmp_path: Path) -> None:
         assert "refused our device token (HTTP 401)" in result.stdout
         assert "not-a-token" not in result.stdout + result.stderr
 
+@pytest.mark.timeout(120)
+def test_a_peer_connected_with_compress_syncs_over_permessage_deflate(tmp_path: Path) -> None:
+    desktop, phone, lan = tmp_path / "desktop", tmp_path / "phone", tmp_path / "laptop"
+    write_maildir(tmp_path / "Maildir", generate_messages(200, seed=5))
+    crdtmail(desktop, "init")
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
+    with serving(desktop) as (line, _):
+        url = line.split()[2]
+        crdtmail(phone, "init")
+        said = crdtmail(phone, "connect", url, f"--token={token}", "--compress").stdout
+        assert "compressed" in said
+        assert 'compression = "deflate"' in (phone / "config.toml").read_text()
+        assert as_json(phone, "peers")["configured"][0]["compression"] == "deflate"
+        [compressed] = as_json(phone, "sync", "--timeout", "30")
+        assert compressed["synced"] and compressed["compressed"] is True
+        # The same server, dialed without --compress: the link stays uncompressed (the dialer chooses).
+        crdtmail(lan, "init")
+        crdtmail(lan, "connect", url, f"--token={token}")
+        [plain] = as_json(lan, "sync", "--timeout", "30")
+        assert plain["synced"] and plain["compressed"] is False
+        # Either way each replica holds the whole mailbox.
+        assert as_json(phone, "ls", "--limit", "500") == as_json(lan, "ls", "--limit", "500") \
+            == as_json(desktop, "ls", "--limit", "500")
+
+
+def test_a_bad_compression_setting_is_one_clear_error(tmp_path: Path) -> None:
+    crdtmail(tmp_path, "init")
+    with (tmp_path / "config.toml").open("a") as handle:
+        handle.write('\n[[peers]]\nurl = "ws://127.0.0.1:1/sync"\ntoken = "t"\ncompression = "zstd"\n')
+    result = crdtmail(tmp_path, "peers", check=False)
+    assert result.returncode != 0
+    assert 'compression of ws://127.0.0.1:1/sync must be "deflate" or "none"' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.timeout(180)
 def test_a_peer_killed_mid_sync_restarts_and_converges(tmp_path: Path) -> None:
     import random
