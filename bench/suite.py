@@ -65,6 +65,7 @@ class Settings:
     mobile_path_count: int = 2000
     mobile_path_samples: int = 300
     alternative_stacks: tuple[str, ...] | None = None  # None: every stack bench.alternatives knows
+    apt_install: bool = True  # may the alternatives install mbsync and Dovecot with apt-get (as root)
 
     @classmethod
     def for_run(cls, quick: bool) -> Settings:
@@ -316,13 +317,12 @@ def scenario_desktop(settings: Settings, work: Path) -> dict[str, Any]:
 
 
 def scenario_alternatives(settings: Settings, work_dir: Path) -> dict[str, Any]:
-    from bench.alternatives import run_alternatives
+    from bench.alternatives import STACKS, run_alternatives
     from bench.alternatives.__main__ import summary_lines
 
-    if settings.alternative_stacks is None:
-        results = run_alternatives(quick=settings.quick, work_dir=work_dir)
-    else:
-        results = run_alternatives(quick=settings.quick, work_dir=work_dir, stacks=settings.alternative_stacks)
+    stacks = settings.alternative_stacks if settings.alternative_stacks is not None else STACKS
+    results = run_alternatives(quick=settings.quick, work_dir=work_dir, stacks=stacks,
+                               apt_install=settings.apt_install)
     for line in summary_lines(results):
         _log(f"  {line}")
     return results
@@ -693,12 +693,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the results go")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="caches and scratch (default bench/.work)")
+    parser.add_argument("--no-apt", action="store_true",
+                        help="install nothing with apt-get: mbsync is reported unavailable where it is missing")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite from parsed arguments; non-zero when a scenario failed."""
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    results = run_suite(quick=args.quick, results_dir=args.results_dir, work_dir=args.work_dir, only=only)
+    settings = reduced(Settings.for_run(args.quick), apt_install=not args.no_apt)
+    results = run_suite(quick=args.quick, results_dir=args.results_dir, work_dir=args.work_dir, only=only,
+                        settings=settings)
     print(markdown(results))
     failed = [name for name, s in results["scenarios"].items() if "error" in s]
     return 1 if failed else 0
