@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import ssl as ssl_module
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -76,6 +77,17 @@ class Link:
     def pending_bytes(self) -> int:
         """Bytes queued for sending and not yet handed to the socket."""
         return self._pending_bytes
+
+    @property
+    def close_reason(self) -> str:
+        """The reason the other side gave when it closed the link ("" if it gave none or has not closed it)."""
+        received = self.websocket.protocol.close_rcvd
+        return received.reason if received is not None else ""
+
+    @property
+    def closed_by_remote(self) -> bool:
+        """Whether the other side began the closing handshake (rather than this side, or a lost connection)."""
+        return bool(self.websocket.protocol.close_rcvd_then_sent)
 
     @property
     def compressed(self) -> bool:
@@ -211,12 +223,19 @@ async def serve_links(
     )
 
 
+# A link that stayed up this long ended for a reason of its own: the dialer reconnects at once.
+STABLE_LINK_SECONDS = 10.0
+
+
 class Dialer:
     """Keeps one outgoing link to ``url`` up: connects, hands the link to ``on_link``, reconnects when it ends.
 
     Delays between attempts grow exponentially from ``initial_delay`` to ``max_delay``, each drawn at random
     between half and all of the nominal delay (so peers that lost a relay together do not return together).
-    A successful connection resets the delay.
+    A link that stays up ``STABLE_LINK_SECONDS``, or that ends for another reason than the other side closing
+    it (a lost connection), is dialed again at once and resets the delay; one that the other side closes
+    sooner counts as a failed attempt, so a peer that keeps refusing us is not dialed in a tight loop.
+    ``stop`` also abandons a connection attempt in progress.
     """
 
     def __init__(
@@ -252,23 +271,38 @@ class Dialer:
         """Stop reconnecting; a running link is closed by its owner."""
         self._stopped.set()
 
+    async def _connect(self) -> ClientConnection | None:
+        """Open the WebSocket, or None when ``stop`` came first (a connect in progress is abandoned then)."""
+        connecting = asyncio.ensure_future(connect(
+            self.url,
+            additional_headers={"Authorization": f"Bearer {self._token}"},
+            ssl=self._ssl,
+            compression=self._limits.compression,
+            max_size=self._limits.max_frame_bytes,
+            max_queue=self._limits.incoming_queue,
+            open_timeout=self._limits.open_timeout,
+            ping_interval=self._limits.ping_interval,
+            ping_timeout=self._limits.ping_timeout,
+            proxy=None,
+        ))
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+            return None
+        return connecting.result()
+
     async def run(self) -> None:
         """Connect and reconnect until ``stop``."""
         attempt = 0
         while not self._stopped.is_set():
             try:
-                websocket = await connect(
-                    self.url,
-                    additional_headers={"Authorization": f"Bearer {self._token}"},
-                    ssl=self._ssl,
-                    compression=self._limits.compression,
-                    max_size=self._limits.max_frame_bytes,
-                    max_queue=self._limits.incoming_queue,
-                    open_timeout=self._limits.open_timeout,
-                    ping_interval=self._limits.ping_interval,
-                    ping_timeout=self._limits.ping_timeout,
-                    proxy=None,
-                )
+                websocket = await self._connect()
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 self.last_error = (
@@ -278,17 +312,25 @@ class Dialer:
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 self.last_error = f"cannot reach {self.url}: {exc}"
             else:
-                attempt = 0
+                if websocket is None:  # stopped while connecting
+                    return
                 self.connections += 1
                 self.last_error = None
                 link = Link(websocket, self._limits, name=self.url)
+                began = time.monotonic()
                 try:
                     await self._on_link(link)
                 finally:
                     if not link.closed:
                         await link.close(CLOSE_GOING_AWAY, "")
                     await link.wait_closed()
-                continue
+                # A link lost to the network, closed from this side, or that lived a while: reconnect at once.
+                # One the other side ends straight away (it refused a mailbox, or fails on us) must not become
+                # a loop of connections: back off as after a failed attempt.
+                if not link.closed_by_remote or time.monotonic() - began >= STABLE_LINK_SECONDS:
+                    attempt = 0
+                    continue
+                self.last_error = f"{self.url} closed the link: {link.close_reason or 'no reason given'}"
             delay = self.next_delay(attempt)
             attempt += 1
             log.info("%s; retrying in %.1fs", self.last_error, delay)

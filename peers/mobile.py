@@ -316,8 +316,8 @@ class MobilePeer:
             transport = getattr(session.link.websocket, "transport", None)
             if transport is not None and not transport.is_closing():
                 transport.abort()
-        # A dialer stopped in the middle of connecting would still hand its new link a session (Dialer.run only
-        # looks at stop() between attempts): cancel what has not finished by itself.
+        # A stopped dialer abandons a connection in progress and ends once its link has closed; one whose close
+        # handshake hangs past CLOSE_TIMEOUT is cancelled.
         tasks, self._dial_tasks = self._dial_tasks, []
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)

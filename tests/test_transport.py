@@ -180,3 +180,56 @@ def test_backoff_grows_jittered_and_capped() -> None:
     assert all(0.05 <= d <= 5.0 for d in delays)
     assert delays[0] <= 0.1 and delays[5] > delays[0] and max(delays[8:]) <= 5.0
     assert len({round(d, 6) for d in delays[8:]}) > 1  # jittered, not a constant cap
+
+
+@pytest.mark.timeout(30)
+def test_a_peer_that_ends_every_link_at_once_is_not_dialed_in_a_loop() -> None:
+    async def refuse(link: Link) -> None:
+        await link.close(4403, "mailbox not granted")
+
+    async def main() -> None:
+        server = await serve_links(refuse, authenticate=authenticate)
+        url = f"ws://127.0.0.1:{port_of(server)}/sync"
+        links: list[Link] = []
+
+        async def client(link: Link) -> None:
+            links.append(link)
+            async for _ in link.frames():
+                pass
+
+        dialer = Dialer(url, TOKEN, client, initial_delay=0.1, max_delay=0.8, rng=random.Random(3))
+        task = asyncio.create_task(dialer.run())
+        await asyncio.sleep(2.0)
+        dialer.stop()
+        await asyncio.wait_for(task, 5)
+        server.close()
+        await server.wait_closed()
+        # Delays of 0.05-0.1, 0.1-0.2, 0.2-0.4, 0.4-0.8, then 0.4-0.8 s: at most 8 links in 2 s, not hundreds.
+        assert 2 <= len(links) <= 8, len(links)
+        assert dialer.last_error == f"{url} closed the link: mailbox not granted"
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_stop_abandons_a_connection_attempt_in_progress() -> None:
+    async def main() -> None:
+        # A listener that accepts TCP connections and never answers the WebSocket upgrade.
+        silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+
+        async def client(link: Link) -> None:
+            raise AssertionError("no link can open")
+
+        dialer = Dialer(f"ws://127.0.0.1:{port}/sync", TOKEN, client, limits=TransportLimits(open_timeout=60))
+        task = asyncio.create_task(dialer.run())
+        await asyncio.sleep(0.3)  # the upgrade request is out, its answer never comes
+        began = asyncio.get_running_loop().time()
+        dialer.stop()
+        await asyncio.wait_for(task, 5)  # not the 60 s open_timeout
+        assert asyncio.get_running_loop().time() - began < 5
+        assert dialer.connections == 0
+        silent.close()
+        await silent.wait_closed()
+
+    asyncio.run(main())
