@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,7 +36,6 @@ CACHE_SIZE = -32 * 1024
 COMPACT_MAX_LOG_COUNT = 20_000
 # WAL checkpoints run on a thread of their own (see _Checkpointer), at most this often while commits come in.
 CHECKPOINT_SPACING_SECONDS = 0.02
-CHECKPOINT_BUSY_SECONDS = 0.01
 WAL_RESET_FRAMES = 8192  # 32 MB of WAL: then start it afresh (see _Checkpointer)
 
 _SCHEMA = """
@@ -174,6 +173,10 @@ class SqliteStore:
 
     def committed(self) -> None:
         """Note that a transaction was committed on this store's connection (the WAL grew)."""
+        if self._checkpointer.restart_due:
+            self._checkpointer.restart_due = False
+            with suppress(sqlite3.Error):  # busy with another process: the WAL is restarted next time
+                self._connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         self._checkpointer.wake()
 
     def __enter__(self) -> SqliteStore:
@@ -585,9 +588,9 @@ class _Checkpointer:
 
     Woken by each commit, it checkpoints at most every CHECKPOINT_SPACING_SECONDS, so a burst of commits
     costs one checkpoint, and each copies little (its cost grows with the WAL written since the last one:
-    0.8 ms after 10 one-flag commits, 43 ms after 1,000). Once the WAL reaches WAL_RESET_FRAMES it asks for a
-    RESTART checkpoint, which holds writers off for a millisecond or two, so that the WAL starts over. A
-    checkpoint that fails (another process's checkpoint is running, say) is tried again at the next commit;
+    0.8 ms after 10 one-flag commits, 43 ms after 1,000). Once the WAL reaches WAL_RESET_FRAMES it has the
+    store's next commit run a RESTART checkpoint (``restart_due``), so that the WAL starts over. A checkpoint
+    that fails (another process's checkpoint is running, say) is tried again at the next commit;
     the last connection to close checkpoints what is left.
     """
 
@@ -596,6 +599,10 @@ class _Checkpointer:
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Set when the WAL is long though copied: the store's next commit then runs a RESTART checkpoint itself,
+        # which has only the last few commits to copy (a millisecond or two, once per WAL_RESET_FRAMES pages),
+        # and the commit after it starts the WAL over. From this thread it would wait on a busy writer for ever.
+        self.restart_due = False
 
     def wake(self) -> None:
         if self._thread is None:  # started lazily: a read-only command never pays for the thread
@@ -605,9 +612,7 @@ class _Checkpointer:
 
     def _run(self) -> None:
         try:
-            # A short busy wait: a RESTART checkpoint waits for the commit in progress, not for a queue of them.
-            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
-                                         timeout=CHECKPOINT_BUSY_SECONDS)
+            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error:
             return
         try:
@@ -618,12 +623,10 @@ class _Checkpointer:
                 self._wakeup.clear()
                 try:
                     frames = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-                    if frames >= WAL_RESET_FRAMES:
-                        # Copied, yet the WAL keeps growing: a commit arriving while a checkpoint runs (they
-                        # take about a millisecond, fsyncs included) stops SQLite from starting it afresh. A
-                        # RESTART checkpoint has only the last few commits to copy and then makes the next
-                        # commit start the WAL over; it holds writers off for that long, a millisecond or two.
-                        connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    # Copied, yet the WAL keeps growing: a commit arriving while a checkpoint runs (they take
+                    # about a millisecond, fsyncs included) stops SQLite from starting it afresh, and under a
+                    # steady stream of commits one always does. The writer restarts it (see ``restart_due``).
+                    self.restart_due = frames >= WAL_RESET_FRAMES
                 except sqlite3.Error:
                     pass  # busy or locked by another process: the next commit wakes us again
                 time.sleep(CHECKPOINT_SPACING_SECONDS)

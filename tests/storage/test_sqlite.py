@@ -110,7 +110,7 @@ def test_commits_never_checkpoint_the_wal_themselves_a_thread_does(tmp_path: Pat
     with SqliteStore.open(path) as store:
         assert store.query("PRAGMA wal_autocheckpoint") == [(0,)]
         backend = store.backend("m")
-        for n in range(2000):  # about 4 WAL pages each: 8,000 pages if nothing checkpointed and restarted
+        for n in range(2000):  # 16,800 WAL pages in all: the WAL's size if it were never started over
             body = str(n).encode() * 1000
             backend.commit(CommitBatch(rows_upsert={f"id{n % 300}": _row(f"id{n % 300}")},
                                        blobs={hashlib.sha256(body).hexdigest(): body}))
@@ -126,7 +126,7 @@ def test_commits_never_checkpoint_the_wal_themselves_a_thread_does(tmp_path: Pat
         probe.close()
         assert not busy and frames == copied
         wal_pages = Path(f"{path}-wal").stat().st_size / 4096
-        assert wal_pages < 2000, wal_pages  # started afresh along the way: never near 8,000 pages
+        assert wal_pages < 5000, wal_pages  # started over along the way (about 1,500-2,100 pages measured)
         assert len(list(backend.all_rows())) == 300
     with SqliteStore.open(path) as store:
         assert store.integrity_check() == "ok"
