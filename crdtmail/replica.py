@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +37,7 @@ PEER_ID_KEY = "peer_id"
 # Larger import transactions rewrite the derived index's B-tree pages less often (each commit rewrites every
 # leaf page its random message ids touch); 2,000 messages keep the queued bodies near 50 MB.
 IMPORT_COMMIT_EVERY = 2000
+IMPORT_SWITCH_INTERVAL = 0.0005  # seconds; see _short_switch_interval
 
 
 
@@ -107,7 +110,7 @@ class Replica:
         message is committed.
         """
         box = self.mailbox(mailbox, create=True)
-        with self._backends[box.name].pipelined():
+        with _short_switch_interval(), self._backends[box.name].pipelined():
             return import_source(box, path, progress=progress)
 
     def close(self) -> None:
@@ -184,7 +187,7 @@ def import_source(
     started = time.perf_counter()
     expected = source.total
     done = 0
-    with mailbox.batch():
+    with mailbox.batch(hold_transactions=True):
         for item in _prefetched(source.items()):
             done += 1
             if isinstance(item, ImportProblem):
@@ -200,6 +203,22 @@ def import_source(
     if progress is not None:
         progress(done, max(expected, done))
     return report
+
+
+@contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """Hand the GIL between the import's threads more often while it runs.
+
+    The reader and the SQLite writer release the GIL at every file read and statement; with the default 5 ms
+    switch interval each waited behind the parsing thread to get it back (measured at 100k messages: 4,990 msg/s
+    with 5 ms, 6,290 with 0.5 ms).
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _prefetched(items: Iterator[ImportItem | ImportProblem], depth: int = 256) -> Iterator[ImportItem | ImportProblem]:

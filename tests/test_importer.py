@@ -342,3 +342,31 @@ def test_mbox_item_count_matches_total_for_a_large_line(tmp_path: Path) -> None:
     items = only_items(list(scanned.items()))
     assert scanned.total == len(items) == 2
     assert len(items[0].raw) == len(b"Subject: x\n\n") + 3 * 1024 * 1024 + 1
+
+
+def test_read_message_file_reads_whole_files_of_every_size(tmp_path: Path) -> None:
+    from crdtmail.importer import read_message_file
+
+    for size in (0, 1, 4095, 64 * 1024 + 3, 3 * 1024 * 1024 + 17):
+        path = tmp_path / f"m{size}"
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        path.write_bytes(data)
+        assert read_message_file(str(path)) == data
+
+
+def test_read_message_file_takes_what_a_growing_file_added_after_fstat(tmp_path: Path) -> None:
+    from crdtmail.importer import read_message_file
+
+    path = tmp_path / "growing"
+    data = b"Subject: grows\n\n" + b"y" * 200_000
+    path.write_bytes(data)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd: int) -> os.stat_result:
+        # As if the file was 100 bytes when looked at and grew before the read.
+        fields = list(real_fstat(fd))
+        fields[6] = 100
+        return os.stat_result(fields)
+
+    with mock.patch.object(importer.os, "fstat", stale_fstat):
+        assert read_message_file(str(path)) == data

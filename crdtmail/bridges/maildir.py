@@ -174,7 +174,7 @@ class MaildirBridge:
     def _replica_ops(self) -> Iterator[None]:
         self._applying += 1
         try:
-            with self.mailbox.batch():
+            with self.mailbox.batch(hold_transactions=True):
                 yield
         finally:
             self._applying -= 1

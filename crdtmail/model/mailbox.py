@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, MapEvent, TransactionEvent
+from pycrdt import Doc, Map, MapEvent, Transaction, TransactionEvent
 
 from crdtmail.errors import (
     AmbiguousMessageError,
@@ -241,6 +241,8 @@ class Mailbox:
         self._remote_changed = False
         self._watched: set[str] = set()  # documents whose maps are observed (see _watch_roots)
         self._bulk_document: str | None = None
+        self._hold_depth = 0  # inside batch(hold_transactions=True)
+        self._held_transactions: dict[str, Transaction] = {}  # shard -> its open LOCAL transaction
         self._index_doc: Doc[Any] = Doc()
         stored = backend.load_document(INDEX_DOC)
         if stored is not None:
@@ -353,16 +355,40 @@ class Mailbox:
                 self._commit()
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Group many operations into one durable commit (used by imports). Nested batches join the outer one."""
-        with self._operation():
-            yield
+    def batch(self, *, hold_transactions: bool = False) -> Iterator[None]:
+        """Group many operations into one durable commit (used by imports). Nested batches join the outer one.
+
+        ``hold_transactions`` makes ``add`` keep each shard's pycrdt transaction open until the next commit
+        (``flush`` or the end of the batch), so a bulk add writes one update per shard and commit instead of
+        one per message. Remote updates may still be applied meanwhile: they close the held transactions first.
+        """
+        if hold_transactions:
+            self._hold_depth += 1
+        try:
+            with self._operation():
+                yield
+        finally:
+            if hold_transactions:
+                self._hold_depth -= 1
 
     def flush(self) -> None:
         """Commit what a running batch holds so far (an import calls this every few hundred messages)."""
         self._commit()
 
+    def _hold_transaction(self, shard: _Shard) -> None:
+        if shard.name not in self._held_transactions:
+            transaction = shard.doc.transaction(origin=LOCAL)
+            transaction.__enter__()
+            self._held_transactions[shard.name] = transaction
+
+    def _release_transactions(self) -> None:
+        """Close the transactions ``add`` holds open; their observers record the updates for the next commit."""
+        while self._held_transactions:
+            _, transaction = self._held_transactions.popitem()
+            transaction.__exit__(None, None, None)
+
     def _commit(self) -> None:
+        self._release_transactions()
         pending = self._pending
         self._pending = _Pending()
         if not (pending.updates or pending.touched or pending.folders_changed or pending.blobs):
@@ -375,7 +401,10 @@ class Mailbox:
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
             # A big remote change (a whole shard arriving) reads each map once instead of once per message.
-            bulk = self._bulk_rows(shard) if len(ids) > BULK_ROWS else None
+            # Rows an add hinted need no read at all: a bulk import hints nearly every one, and reading the whole
+            # shard at each flush made an import quadratic in the shard's size.
+            unhinted = sum(1 for message_id in ids if message_id not in pending.row_hints)
+            bulk = self._bulk_rows(shard) if unhinted > BULK_ROWS else None
             for message_id in ids:
                 row = pending.row_hints.get(message_id) or (
                     bulk.get(message_id) if bulk is not None else self._row(shard, message_id))
@@ -659,6 +688,8 @@ class Mailbox:
         normalised = tuple(sorted({normalise_flag(flag) for flag in flags}))
         shard = self._load_shard(parsed.shard)
         message_id = parsed.message_id
+        if self._hold_depth:
+            self._hold_transaction(shard)
         with self._operation(), shard.doc.transaction(origin=LOCAL):
             tombstoned = message_id in shard.expunged
             if not tombstoned and message_id in shard.messages:
@@ -873,6 +904,7 @@ class Mailbox:
             raise ModelError("a remote update needs the origin it came from (not LOCAL)")
         if not is_document_name(doc_name):
             raise ModelError(f"{doc_name!r} is not a document of a mailbox")
+        self._release_transactions()  # a remote origin cannot join a held LOCAL transaction
         doc = self._index_doc if doc_name == INDEX_DOC else self._load_shard(doc_name).doc
         if check_causality and missing_dependencies(update, decode_state_vector(doc.get_state())):
             held = self._held.setdefault(doc_name, [])
@@ -951,6 +983,7 @@ class Mailbox:
     def unload(self, shard_name: str) -> None:
         """Drop a loaded shard from memory (it reloads from the backend when next needed)."""
         if self._batch_depth == 0:
+            self._release_transactions()
             self._shards.pop(shard_name, None)
             self._watched.discard(shard_name)
 

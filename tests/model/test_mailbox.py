@@ -346,3 +346,51 @@ def test_derived_index_matches_recomputation_after_random_operations(backend: Ma
     assert list(documents_only.all_rows()) == []
     Mailbox("m", documents_only)  # opening rebuilds the missing index
     assert {row.message_id: row for row in documents_only.all_rows()} == expected
+
+
+def test_batch_holding_transactions_writes_one_update_per_shard_and_commit(mailbox: Mailbox) -> None:
+    changes = recorded(mailbox)
+    november = [make_raw(f"Nov {n}") for n in range(5)]
+    october = [make_raw(f"Oct {n}", date="Sat, 10 Oct 2026 09:00:00 +0000") for n in range(3)]
+    with mailbox.batch(hold_transactions=True):
+        ids = [mailbox.add(raw, flags=["seen"]).message_id for raw in november + october]
+        again = mailbox.add(november[0], folder="Archive")  # seen inside the open transaction
+        mailbox.move(ids[1], "Archive")  # other local operations join the held transaction
+        mailbox.flush()
+        late = mailbox.add(make_raw("After the flush")).message_id
+    assert not again.added
+    assert len(changes) == 2
+    assert sorted(doc for doc, _ in changes[0].updates) == ["2026-10", "2026-11"]
+    assert changes[0].added == set(ids)
+    assert [doc for doc, _ in changes[1].updates] == ["2026-11"] and changes[1].added == {late}
+    assert mailbox.message(ids[1]).folder_id == "archive"
+    assert all(mailbox.message(mid).flags == {"\\Seen"} for mid in ids)
+    assert mailbox.counts()[INBOX].total == 8
+
+
+def test_batch_holding_transactions_is_durable_and_syncs_like_single_adds(backend: MailboxBackend) -> None:
+    mailbox = Mailbox("test", backend)
+    outbox: list[tuple[str, bytes]] = []
+    mailbox.observe(lambda change: outbox.extend(change.updates))
+    with mailbox.batch(hold_transactions=True):
+        ids = {mailbox.add(make_raw(f"Bulk {n}"), flags=["flagged"]).message_id for n in range(4)}
+    reopened = Mailbox("test", backend)
+    assert {row.message_id for row in reopened.list_folder(INBOX)} == ids
+    other = Mailbox("test", MemoryBackend())
+    for doc, update in outbox:
+        other.apply_update(doc, update, origin="peer")
+    assert {mid for mid in ids if other.message(mid).flags == {"\\Flagged"}} == ids
+
+
+def test_remote_update_during_a_held_batch_closes_the_local_transactions(mailbox: Mailbox) -> None:
+    sender = Mailbox("test", MemoryBackend())
+    mailbox.apply_update("index", sender.encode_document("index"), origin="peer")
+    remote = sender.add(make_raw("From the peer")).message_id
+    changes = recorded(mailbox)
+    with mailbox.batch(hold_transactions=True):
+        local = mailbox.add(make_raw("Local")).message_id
+        mailbox.apply_update("2026-11", sender.encode_document("2026-11"), origin="peer")
+        later = mailbox.add(make_raw("Local, later")).message_id
+    assert {mailbox.message(mid).envelope.subject for mid in (local, remote, later)} == {
+        "Local", "From the peer", "Local, later"}
+    assert set().union(*(change.added for change in changes)) == {local, remote, later}
