@@ -11,7 +11,7 @@ were computed at, and the Mailbox recomputes a shard whose remembered vector dif
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,6 +67,9 @@ class CommitBatch:
     indexed_shards: dict[str, bytes] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     replace_shards: set[str] = field(default_factory=set)  # drop every row of these shards first (a rebuild)
+    # The committing side's whole in-memory document, encoded on demand: a store folding its log may use it
+    # instead of merging the log, which costs milliseconds per fold and keeps every overwritten value.
+    encode_document: Callable[[str], bytes | None] | None = None
 
     def is_empty(self) -> bool:
         """True when committing would write nothing."""

@@ -393,7 +393,7 @@ class Mailbox:
         self._pending = _Pending()
         if not (pending.updates or pending.touched or pending.folders_changed or pending.blobs):
             return
-        batch = CommitBatch(blobs=pending.blobs)
+        batch = CommitBatch(blobs=pending.blobs, encode_document=self._encode_for_fold)
         vectors = {name: self._state_vector(name) for name in {update.doc_name for update in pending.updates}}
         for update in pending.updates:
             # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
@@ -431,6 +431,17 @@ class Mailbox:
         )
         for observer in list(self._observers):
             observer(change)
+
+    def _encode_for_fold(self, doc_name: str) -> bytes | None:
+        """A document's whole state for the store to fold its log into (None when it is not in memory).
+
+        Every change to a loaded document is in the store's log by the time it folds (held updates are in
+        neither), so the encoding holds everything; Yrs has dropped overwritten values from it, too.
+        """
+        if doc_name == INDEX_DOC:
+            return self._index_doc.get_update()
+        shard = self._shards.get(doc_name)
+        return None if shard is None else shard.doc.get_update()
 
     def _state_vector(self, doc_name: str) -> bytes:
         if doc_name == INDEX_DOC:

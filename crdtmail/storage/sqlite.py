@@ -11,12 +11,15 @@ survives a power cut.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +29,8 @@ import pycrdt
 
 from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
 from crdtmail.model.backend import CommitBatch, FolderCount, IndexRow
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x63726D6C  # "crml": marks the file as a crdtmail database
@@ -107,7 +112,7 @@ class SqliteStore:
         self.path = path
         self.synchronous = synchronous
         self._connection = connection
-        self._checkpointer = _Checkpointer(path)
+        self._checkpointer = _Checkpointer(path, synchronous)
 
     @classmethod
     def open(cls, path: Path, *, create: bool = True, synchronous: str = "NORMAL") -> SqliteStore:
@@ -300,22 +305,30 @@ class SqliteMailboxBackend:
         self._connection = store._connection
         self.mailbox = mailbox
         self._writer: _Writer | None = None
+        # Per document this backend loaded: the snapshot size and last log id it read, and how many log rows it
+        # wrote since. They tell whether the loader's in-memory document still holds everything stored, so a
+        # fold may take its encoding (see _fold_hint); another process writing the same file breaks the match.
+        self._baselines: dict[str, tuple[int, int, int]] = {}
+        # SQLite's data_version when the baselines were last known good: it changes when any other connection
+        # commits (another process on this data directory, the import writer), which voids every baseline.
+        self._data_version: int | None = None
 
     def load_document(self, doc_name: str) -> bytes | None:
         """The snapshot and every logged update, merged into one update."""
+        self._others_wrote()  # before reading: a write after this shows at the fold, which then merges
         self._settle()
         rows = self._store._query(
             "SELECT snapshot FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
         )
         if not rows:
+            self._baselines[doc_name] = (0, 0, 0)
             return None
         parts = [rows[0][0]] if rows[0][0] else []
-        parts.extend(
-            row[0]
-            for row in self._store._query(
-                "SELECT data FROM updates WHERE mailbox = ? AND name = ? ORDER BY id", (self.mailbox, doc_name)
-            )
+        log = self._store._query(
+            "SELECT id, data FROM updates WHERE mailbox = ? AND name = ? ORDER BY id", (self.mailbox, doc_name)
         )
+        parts.extend(row[1] for row in log)
+        self._baselines[doc_name] = (len(parts[0]) if rows[0][0] else 0, int(log[-1][0]) if log else 0, 0)
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else pycrdt.merge_updates(*parts)
@@ -342,14 +355,58 @@ class SqliteMailboxBackend:
         if batch.is_empty():
             return
         if self._writer is not None:
-            self._writer.submit(batch)  # verified on the writer thread
+            # The writer thread must not touch the caller's documents: it folds by merging the log.
+            self._writer.submit(dataclasses.replace(batch, encode_document=None))  # verified on the writer thread
             return
         _verify_blobs(batch)
+        folded: dict[str, tuple[int, int]] = {}
+        hint = None if batch.encode_document is None else functools.partial(self._fold_hint, batch, folded)
         try:
-            _write_batch(self._connection, self.mailbox, batch)
+            _write_batch(self._connection, self.mailbox, batch, hint)
         except sqlite3.Error as exc:
             raise _storage_error("write to", self._store.path, exc) from exc
+        for update in batch.updates:
+            baseline = self._baselines.get(update.doc_name)
+            if baseline is not None:
+                self._baselines[update.doc_name] = (baseline[0], baseline[1], baseline[2] + 1)
+        for name, (snapshot_bytes, last_id) in folded.items():
+            self._baselines[name] = (snapshot_bytes, last_id, 0)
         self._store.committed()
+
+    def _others_wrote(self) -> bool:
+        """Whether another connection committed since the last look; if so the baselines are forgotten."""
+        version = int(self._connection.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._data_version:
+            return False
+        changed = self._data_version is not None
+        self._data_version = version
+        self._baselines.clear()
+        return changed
+
+    def _fold_hint(self, batch: CommitBatch, folded: dict[str, tuple[int, int]],
+                   connection: sqlite3.Connection, name: str, snapshot_bytes: int, last_id: int) -> bytes | None:
+        """The committing document's encoding, if it provably holds everything stored for ``name``.
+
+        It does when nothing but this backend wrote the document since it loaded it: the snapshot is the one it
+        read (or folded) and the log rows after the last id it read are exactly the ones it wrote, this batch's
+        included. Otherwise (another process shares the file, or the fold merged rows we never read) None: merge.
+        """
+        if self._others_wrote():  # inside the write transaction: nobody can commit between this and the fold
+            return None
+        baseline = self._baselines.get(name)
+        if baseline is None or batch.encode_document is None or baseline[0] != snapshot_bytes:
+            self._baselines.pop(name, None)
+            return None
+        written_here = baseline[2] + sum(1 for update in batch.updates if update.doc_name == name)
+        newer = connection.execute(
+            "SELECT count(*) FROM updates WHERE mailbox = ? AND name = ? AND id > ?", (self.mailbox, name, baseline[1])
+        ).fetchone()[0]
+        encoded = batch.encode_document(name) if newer == written_here else None
+        if encoded is None:
+            self._baselines.pop(name, None)
+            return None
+        folded[name] = (len(encoded), last_id)
+        return encoded
 
     @contextmanager
     def pipelined(self) -> Iterator[None]:
@@ -477,10 +534,14 @@ def _verify_blobs(batch: CommitBatch) -> None:
             raise BlobIntegrityError(f"blob {sha256} does not hash to its name; nothing of its batch was committed")
 
 
-def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatch) -> None:
+_FoldHint = Callable[[sqlite3.Connection, str, int, int], "bytes | None"]
+
+
+def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatch,
+                 fold_hint: _FoldHint | None = None) -> None:
     """One batch as one transaction on ``connection``."""
     with _transaction(connection):
-        _append_updates(connection, mailbox, batch)
+        _append_updates(connection, mailbox, batch, fold_hint)
         if batch.replace_shards:
             shards = [(mailbox, shard) for shard in batch.replace_shards]
             connection.executemany("DELETE FROM rows WHERE mailbox = ? AND shard = ?", shards)
@@ -528,7 +589,8 @@ def _insert_many(connection: sqlite3.Connection, head: str, rows: Sequence[tuple
         connection.execute(head + marks, [value for row in chunk for value in row])
 
 
-def _append_updates(connection: sqlite3.Connection, mailbox: str, batch: CommitBatch) -> None:
+def _append_updates(connection: sqlite3.Connection, mailbox: str, batch: CommitBatch,
+                    fold_hint: _FoldHint | None = None) -> None:
     """Log the batch's updates and fold a log that outgrew its snapshot, inside the caller's transaction."""
     touched: dict[str, tuple[int, int, bytes]] = {}  # name -> (added bytes, added count, state vector)
     rows = []
@@ -560,25 +622,36 @@ def _append_updates(connection: sqlite3.Connection, mailbox: str, batch: CommitB
                 (log_bytes, log_count, state_vector, mailbox, name),
             )
         if log_bytes > max(snapshot_bytes, COMPACT_MIN_LOG_BYTES) or log_count > COMPACT_MAX_LOG_COUNT:
-            _compact(connection, mailbox, name)
+            _compact(connection, mailbox, name, fold_hint)
 
-def _compact(connection: sqlite3.Connection, mailbox: str, name: str) -> None:
-    """Fold the log into a new snapshot, inside the caller's transaction."""
-    snapshot = connection.execute(
-        "SELECT snapshot FROM documents WHERE mailbox = ? AND name = ?", (mailbox, name)
-    ).fetchone()[0]
-    log = connection.execute(
-        "SELECT id, data FROM updates WHERE mailbox = ? AND name = ? ORDER BY id", (mailbox, name)
-    ).fetchall()
-    parts = ([snapshot] if snapshot else []) + [row[1] for row in log]
-    merged = pycrdt.merge_updates(*parts)
+def _compact(connection: sqlite3.Connection, mailbox: str, name: str, fold_hint: _FoldHint | None = None) -> None:
+    """Fold the log into a new snapshot, inside the caller's transaction.
+
+    Merging the log costs milliseconds per fold on the commit path (the one-hop latency tail) and keeps every
+    overwritten flag value; the in-memory document's encoding, when ``fold_hint`` can vouch for it, costs
+    microseconds and has dropped them.
+    """
+    snapshot_bytes, last_id = connection.execute(
+        "SELECT documents.snapshot_bytes, (SELECT max(id) FROM updates WHERE mailbox = ? AND name = ?)"
+        " FROM documents WHERE mailbox = ? AND name = ?", (mailbox, name, mailbox, name)
+    ).fetchone()
+    merged = None if fold_hint is None else fold_hint(connection, name, int(snapshot_bytes), int(last_id))
+    if merged is None:
+        snapshot = connection.execute(
+            "SELECT snapshot FROM documents WHERE mailbox = ? AND name = ?", (mailbox, name)
+        ).fetchone()[0]
+        log = connection.execute(
+            "SELECT data FROM updates WHERE mailbox = ? AND name = ? AND id <= ? ORDER BY id",
+            (mailbox, name, last_id),
+        ).fetchall()
+        merged = pycrdt.merge_updates(*([snapshot] if snapshot else []), *(row[0] for row in log))
     connection.execute(
         "UPDATE documents SET snapshot = ?, snapshot_bytes = ?, log_bytes = 0, log_count = 0"
         " WHERE mailbox = ? AND name = ?",
         (merged, len(merged), mailbox, name),
     )
     connection.execute(
-        "DELETE FROM updates WHERE mailbox = ? AND name = ? AND id <= ?", (mailbox, name, log[-1][0])
+        "DELETE FROM updates WHERE mailbox = ? AND name = ? AND id <= ?", (mailbox, name, last_id)
     )
 
 
@@ -594,8 +667,9 @@ class _Checkpointer:
     the last connection to close checkpoints what is left.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, synchronous: str) -> None:
         self._path = path
+        self._synchronous = synchronous
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -616,6 +690,7 @@ class _Checkpointer:
         except sqlite3.Error:
             return
         try:
+            connection.execute(f"PRAGMA synchronous={self._synchronous}")  # its fsyncs are as the store's
             while True:
                 self._wakeup.wait()
                 if self._stopping:

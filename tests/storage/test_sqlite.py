@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
+import pycrdt
 import pytest
 
 from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
 from crdtmail.model.backend import CommitBatch, IndexRow
+from crdtmail.model.mailbox import Mailbox
+from crdtmail.storage import sqlite as sqlite_module
 from crdtmail.storage.sqlite import SqliteStore
 
 
@@ -100,12 +108,7 @@ def test_commits_never_checkpoint_the_wal_themselves_a_thread_does(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint inside a commit stalled it 17-45 ms; the store's own thread checkpoints instead, and starts
     the WAL afresh now and then even while commits keep coming, so it does not grow without bound."""
-    import sqlite3
-    import time
-
-    from crdtmail.storage import sqlite as sqlite_store
-
-    monkeypatch.setattr(sqlite_store, "WAL_RESET_FRAMES", 256)
+    monkeypatch.setattr(sqlite_module, "WAL_RESET_FRAMES", 256)
     path = tmp_path / "db.sqlite3"
     with SqliteStore.open(path) as store:
         assert store.query("PRAGMA wal_autocheckpoint") == [(0,)]
@@ -132,3 +135,90 @@ def test_commits_never_checkpoint_the_wal_themselves_a_thread_does(tmp_path: Pat
         assert store.integrity_check() == "ok"
         assert len(list(store.backend("m").all_rows())) == 300
         assert len(store.query("SELECT sha256 FROM blobs")) == 2000
+
+
+def _toggle_until_folded(box: Mailbox, message_id: str, times: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Toggle a flag ``times`` times; returns how often the store merged a log to fold it."""
+    merges = []
+    real_merge = pycrdt.merge_updates
+
+    def counting_merge(*updates: bytes) -> bytes:
+        merges.append(len(updates))
+        return real_merge(*updates)
+
+    monkeypatch.setattr(pycrdt, "merge_updates", counting_merge)
+    for n in range(times):
+        if n % 2:
+            box.set_flags(message_id, remove=["$Toggle"])
+        else:
+            box.set_flags(message_id, add=["$Toggle", "\\Seen"])
+    monkeypatch.setattr(pycrdt, "merge_updates", real_merge)
+    return len(merges)
+
+
+def _mail(n: int) -> bytes:
+    return (f"Message-ID: <fold-{n}@example.org>\r\nDate: Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+            f"From: a@example.org\r\nSubject: fold {n}\r\n\r\nbody {n}\r\n").encode()
+
+
+def test_a_fold_from_the_live_document_keeps_everything_and_drops_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "COMPACT_MIN_LOG_BYTES", 512)
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        box = Mailbox("m", store.backend("m"))
+        ids = [box.add(_mail(n)).message_id for n in range(5)]
+        assert _toggle_until_folded(box, ids[0], 101, monkeypatch) == 0
+        shard = box.rows([ids[0]])[ids[0]].shard
+        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        snapshot_bytes, log_count = store._query(
+            "SELECT snapshot_bytes, log_count FROM documents WHERE mailbox = 'm' AND name = ?", (shard,))[0]
+        assert snapshot_bytes > 0 and log_count < 101  # it folded
+        # The live document's encoding is what was stored: far smaller than the merged history.
+        log = [row[0] for row in store._query("SELECT data FROM updates WHERE mailbox = 'm' AND name = ?", (shard,))]
+        merged = pycrdt.merge_updates(store._query(
+            "SELECT snapshot FROM documents WHERE mailbox = 'm' AND name = ?", (shard,))[0][0], *log)
+        assert pycrdt.get_state(merged) == box.document_state_vector(shard)
+    with SqliteStore.open(path) as store:
+        again = Mailbox("m", store.backend("m"))
+        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+
+
+def test_a_fold_merges_the_log_when_another_writer_shared_the_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "COMPACT_MIN_LOG_BYTES", 512)
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store, SqliteStore.open(path) as other_store:
+        box = Mailbox("m", store.backend("m"))
+        ids = [box.add(_mail(n)).message_id for n in range(5)]
+        other = Mailbox("m", other_store.backend("m"))  # another process on the same file
+        assert other.set_flags(ids[1], add=["$FromElsewhere"])
+        # box never saw the other writer's flag, and folds: by merging the log, or the flag would be lost.
+        assert _toggle_until_folded(box, ids[0], 101, monkeypatch) >= 1
+    with SqliteStore.open(path) as store:
+        again = Mailbox("m", store.backend("m"))
+        assert "$FromElsewhere" in again.message(ids[1]).flags
+        assert "\\Seen" in again.message(ids[0]).flags
+
+
+def test_the_wal_is_checkpointed_by_the_background_thread_not_by_commits(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        # A commit on the peer's connection never runs a checkpoint.
+        assert store.query("PRAGMA wal_autocheckpoint") == [(0,)]
+        store.backend("m").commit(CommitBatch(rows_upsert={"x": _row("x")}))
+        # Yet the rows reach the database file itself (a copy without its WAL shows them): the thread did it.
+        copy = tmp_path / "copy.sqlite3"
+        deadline = time.monotonic() + 60
+        seen: list[Any] = []
+        while time.monotonic() < deadline and not seen:
+            time.sleep(0.05)
+            shutil.copyfile(path, copy)
+            with contextlib.closing(sqlite3.connect(copy)) as connection:
+                try:
+                    seen = connection.execute("SELECT message_id FROM rows").fetchall()
+                except sqlite3.DatabaseError:  # not checkpointed yet (no tables in the file)
+                    seen = []
+        assert seen == [("x",)]
