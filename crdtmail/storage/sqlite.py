@@ -672,6 +672,7 @@ class _Checkpointer:
         self._synchronous = synchronous
         self._wakeup = threading.Event()
         self._stopping = False
+        self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
         # Set when the WAL is long though copied: the store's next commit then runs a RESTART checkpoint itself,
         # which has only the last few commits to copy (a millisecond or two, once per WAL_RESET_FRAMES pages),
@@ -680,8 +681,11 @@ class _Checkpointer:
 
     def wake(self) -> None:
         if self._thread is None:  # started lazily: a read-only command never pays for the thread
-            self._thread = threading.Thread(target=self._run, name="crdtmail-sqlite-checkpoint", daemon=True)
-            self._thread.start()
+            with self._starting:  # the store's thread and an import's writer thread may both wake it
+                if self._thread is None:
+                    thread = threading.Thread(target=self._run, name="crdtmail-sqlite-checkpoint", daemon=True)
+                    thread.start()
+                    self._thread = thread
         self._wakeup.set()
 
     def _run(self) -> None:
@@ -732,6 +736,8 @@ class _Writer:
         try:
             connection.execute(f"PRAGMA synchronous={self._store.synchronous}")
             connection.execute(f"PRAGMA cache_size={CACHE_SIZE}")
+            connection.execute("PRAGMA wal_autocheckpoint=0")  # the store's checkpoint thread does it
+            checkpointer = self._store._checkpointer
             while True:
                 batch = self._queue.get()
                 try:
@@ -740,6 +746,11 @@ class _Writer:
                     if self._error is None:
                         _verify_blobs(batch)
                         _write_batch(connection, self._mailbox, batch)
+                        if checkpointer.restart_due:
+                            checkpointer.restart_due = False
+                            with suppress(sqlite3.Error):
+                                connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                        checkpointer.wake()
                 except BaseException as exc:  # kept, and raised again on the caller's thread
                     self._error = exc
                 finally:

@@ -222,3 +222,35 @@ def test_the_wal_is_checkpointed_by_the_background_thread_not_by_commits(tmp_pat
                 except sqlite3.DatabaseError:  # not checkpointed yet (no tables in the file)
                     seen = []
         assert seen == [("x",)]
+
+
+def test_an_import_writer_leaves_checkpoints_to_the_thread_and_its_wal_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipelined writer (an import) commits on a connection of its own: it does not checkpoint inside its
+    commits either, and restarts the WAL when the checkpoint thread asks, as the store's connection does."""
+
+    def largest_wal(directory: Path) -> float:
+        path = directory / "db.sqlite3"
+        largest = 0.0
+        with SqliteStore.open(path) as store:
+            backend = store.backend("m")
+            with backend.pipelined():
+                for n in range(1500):
+                    body = str(n).encode() * 1000
+                    backend.commit(CommitBatch(rows_upsert={f"id{n % 300}": _row(f"id{n % 300}")},
+                                               blobs={hashlib.sha256(body).hexdigest(): body}))
+                    if n % 100 == 0:
+                        wal = Path(f"{path}-wal")
+                        largest = max(largest, wal.stat().st_size / 4096 if wal.exists() else 0)
+            assert len(store.query("SELECT sha256 FROM blobs")) == 1500
+            assert store.integrity_check() == "ok"
+        return largest
+
+    (tmp_path / "never").mkdir()
+    (tmp_path / "restarted").mkdir()
+    monkeypatch.setattr(sqlite_module, "WAL_RESET_FRAMES", 10**9)
+    never_restarted = largest_wal(tmp_path / "never")
+    monkeypatch.setattr(sqlite_module, "WAL_RESET_FRAMES", 256)
+    restarted = largest_wal(tmp_path / "restarted")
+    assert restarted < never_restarted / 2, (restarted, never_restarted)
