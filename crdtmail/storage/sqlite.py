@@ -41,6 +41,8 @@ CACHE_SIZE = -32 * 1024
 COMPACT_MAX_LOG_COUNT = 20_000
 # WAL checkpoints run on a thread of their own (see _Checkpointer), at most this often while commits come in.
 CHECKPOINT_SPACING_SECONDS = 0.02
+BUSY_TIMEOUT_MS = 5000  # sqlite3.connect's default: how long a statement waits for another process's lock
+RESTART_BUSY_MS = 20
 WAL_RESET_FRAMES = 8192  # 32 MB of WAL: then start it afresh (see _Checkpointer)
 
 _SCHEMA = """
@@ -123,7 +125,8 @@ class SqliteStore:
             raise StorageError(f"no crdtmail database at {path}; run `crdtmail init` first")
         fresh = not path.exists() or path.stat().st_size == 0
         try:
-            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                         timeout=BUSY_TIMEOUT_MS / 1000)
         except sqlite3.Error as exc:
             raise _storage_error("open", path, exc) from exc
         try:
@@ -180,8 +183,14 @@ class SqliteStore:
         """Note that a transaction was committed on this store's connection (the WAL grew)."""
         if self._checkpointer.restart_due:
             self._checkpointer.restart_due = False
-            with suppress(sqlite3.Error):  # busy with another process: the WAL is restarted next time
-                self._connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            # A RESTART waits for other processes' readers to leave the WAL: wait a little, never the
+            # connection's 5 s (this is the event loop's thread); a busy WAL is simply restarted later.
+            self._connection.execute(f"PRAGMA busy_timeout={RESTART_BUSY_MS}")
+            try:
+                with suppress(sqlite3.Error):
+                    self._connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            finally:
+                self._connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._checkpointer.wake()
 
     def __enter__(self) -> SqliteStore:
