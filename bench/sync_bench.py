@@ -72,10 +72,12 @@ async def _floor_sender(port: int, count: int, interval: float, out: Path) -> No
 
     times: list[int] = []
     async with connect(f"ws://127.0.0.1:{port}", compression=None) as websocket:
+        start = time.monotonic_ns()
         for n in range(count):
+            delay = start + int(n * interval * 1e9) - time.monotonic_ns()  # due times fixed in advance
+            await asyncio.sleep(delay / 1e9 if delay > 0 else 0)
             times.append(time.monotonic_ns())
             await websocket.send(n.to_bytes(20, "big"))  # about the size of a flag update
-            await asyncio.sleep(interval)
         await asyncio.sleep(0.5)
     out.write_text(json.dumps(times))
 
@@ -94,14 +96,18 @@ async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -
     while not ready.exists():
         await asyncio.sleep(0.01)
     times: list[int] = []
+    start = time.monotonic_ns()
     for n in range(count):
+        # Due times fixed in advance, as the suite paces: a slow change must not lower the offered rate (and
+        # hide the latency of the changes that would have queued behind it).
+        delay = start + int(n * interval * 1e9) - time.monotonic_ns()
+        await asyncio.sleep(delay / 1e9 if delay > 0 else 0)
         times.append(time.monotonic_ns())
         # A keyword no sample message carries, so every one of these calls is a real change.
         if n % 2:
             box.set_flags(target, remove=["$BenchToggle"])
         else:
             box.set_flags(target, add=["$BenchToggle"])
-        await asyncio.sleep(interval)
     await asyncio.sleep(1.0)
     out.write_text(json.dumps(times))
     server.close()
