@@ -59,6 +59,16 @@ def _percentile_marks(axis: Any, label: str, figures: dict[str, Any] | None, **s
               label=f"{label} (p99 {figures['p99_ms']:.2f} ms)", **style)
 
 
+def _save(plt: Any, figure: Any, path: Path, title: str | None = None) -> Path:
+    """Lay the figure out, write it as a PNG and free it."""
+    if title is not None:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def _latency_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | None:
     scenarios = results["scenarios"]
     hop = scenarios.get("one_hop") or {}
@@ -97,11 +107,8 @@ def _latency_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | None:
     if not drawn:
         plt.close(figure)
         return None
-    figure.suptitle("crdtmail: latency CDFs (curves further left are faster; the top of each curve is its tail)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path,
+                 "crdtmail: latency CDFs (curves further left are faster; the top of each curve is its tail)")
 
 
 def _sizes_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | None:
@@ -147,11 +154,8 @@ def _sizes_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | None:
         axis.set_xlabel("offline flag changes on each side")
         axis.set_title("reconnect: cost against changes")
         axis.grid(True, which="both", alpha=0.3)
-    figure.suptitle("crdtmail: cost against mailbox size (initial sync) and against offline changes (reconnect)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path,
+                 "crdtmail: cost against mailbox size (initial sync) and against offline changes (reconnect)")
 
 
 def _throughput_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | None:
@@ -173,10 +177,7 @@ def _throughput_plot(plt: Any, results: dict[str, Any], path: Path) -> Path | No
                    f"{throughput.get('p99_limit_ms', 10):g} ms")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def write_plots(results: dict[str, Any], stem: Path) -> list[Path]:

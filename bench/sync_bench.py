@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import WORK_DIR, machine, write_results
+from bench.common import WORK_DIR, machine, peak_rss_mb, write_results
 
 ROLE_ENV = "CRDTMAIL_BENCH_ROLE"
 
@@ -174,8 +174,6 @@ async def _peer_server(data_dir: Path) -> None:
 
 async def _peer_resync(data_dir: Path, port: int, token: str, out: Path, oldest_shard: str = "") -> None:
     """Dial, and report how long the mailbox took to be in sync both ways, and the bytes each way."""
-    import resource
-
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
 
@@ -190,7 +188,7 @@ async def _peer_resync(data_dir: Path, port: int, token: str, out: Path, oldest_
     session = next(iter(peer.sessions))
     figures = {"seconds": seconds, "bytes_sent": session.connection.bytes_sent,
                "bytes_received": session.connection.bytes_received,
-               "peak_rss_mb": _peak_rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+               "peak_rss_mb": peak_rss_mb()}
     tcp = _tcp_bytes(session.link)
     if tcp is not None:
         figures["tcp_bytes_received"], figures["tcp_bytes_sent"] = tcp
@@ -198,18 +196,6 @@ async def _peer_resync(data_dir: Path, port: int, token: str, out: Path, oldest_
     await session.link.close()
     await task
     out.write_text(json.dumps(figures))
-
-
-def _peak_rss_mb(fallback: float) -> float:
-    """This process's peak RSS: VmHWM, which starts afresh at exec. (ru_maxrss does not: Linux carries the
-    forking parent's RSS over into it, so a child of a big parent would report at least the parent's size.)"""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return fallback
 
 
 def _tcp_bytes(link: Any) -> tuple[int, int] | None:

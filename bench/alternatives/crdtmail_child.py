@@ -33,7 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.alternatives.pyws_child import SETTLE_S, answer_commands, exit_when_stdin_closes, tcp_bytes
+from bench.alternatives.pyws_child import (
+    SETTLE_S,
+    CommandClient,
+    answer_commands,
+    exit_when_stdin_closes,
+    tcp_bytes,
+)
 
 KEYWORD = "$BenchToggle"
 LATENCY_ROOM = "latency"
@@ -157,8 +163,10 @@ class Member:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class Client:
+class Client(CommandClient):
     """Peers joined to rooms, answering the orchestrator's commands like the other stacks' clients."""
+
+    VERSIONS = ("crdtmail", "pycrdt", "websockets")
 
     def __init__(self, mode: str, server_dir: Path, scratch: Path) -> None:
         self.mode = mode
@@ -176,8 +184,9 @@ class Client:
     def _member(self, room: str) -> Member:
         return Member(Path(tempfile.mkdtemp(prefix=f"{room}-", dir=self.scratch)), room, self.mode)
 
-    async def join(self, url: str, room: str, observe: bool) -> dict[str, Any]:
-        """A peer of its own syncs the room's mailbox and stays linked."""
+    async def join(self, url: str, room: str, load: str | None, observe: bool) -> dict[str, Any]:
+        """A peer of its own syncs the room's mailbox and stays linked (``load`` is not needed: the serving
+        peer holds every room's mailbox already, see ``prepare_server``)."""
         member = self._member(room)
         if observe:
             member.mailbox.observe(self._on_change)
@@ -257,25 +266,6 @@ class Client:
             await member.close()
         self.members.clear()
         shutil.rmtree(self.scratch, ignore_errors=True)
-
-    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
-        name = command["cmd"]
-        if name == "join":
-            return await self.join(command["url"], command["room"], command.get("observe", False))
-        if name == "set":
-            return await self.set_keys(command["room"], command["keys"], command["interval_ms"])
-        if name == "take":
-            return await self.take(command["keys"], command["timeout"])
-        if name == "sync":
-            return await self.sync(command["url"], command["room"], command["expect"])
-        if name == "versions":
-            from importlib.metadata import version
-
-            return {name: version(name) for name in ("crdtmail", "pycrdt", "websockets")}
-        if name == "quit":
-            await self.leave_all()
-            return {}
-        raise ValueError(f"unknown command {name!r}")
 
 
 async def run_client(mode: str, server_dir: Path, scratch: Path) -> None:

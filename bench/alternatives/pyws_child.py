@@ -125,8 +125,54 @@ async def serve(mode: str) -> None:
 # ------------------------------------------------------------------------------------------------ client
 
 
-class Client:
+class CommandClient:
+    """The orchestrator's commands (see ``bench/alternatives/wsstacks.py``) dispatched to a stack's client.
+
+    A stack's client implements ``join``, ``set_keys``, ``take``, ``sync`` and ``leave_all``, and names in
+    ``VERSIONS`` the packages whose versions ``versions`` reports.
+    """
+
+    VERSIONS: tuple[str, ...] = ()
+
+    async def join(self, url: str, room: str, load: str | None, observe: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def set_keys(self, room: str, keys: list[str], interval_ms: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def take(self, keys: list[str], timeout: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def sync(self, url: str, room: str, expect: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def leave_all(self) -> None:
+        raise NotImplementedError
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        name = command["cmd"]
+        if name == "join":
+            return await self.join(command["url"], command["room"], command.get("load"), command.get("observe", False))
+        if name == "set":
+            return await self.set_keys(command["room"], command["keys"], command["interval_ms"])
+        if name == "take":
+            return await self.take(command["keys"], command["timeout"])
+        if name == "sync":
+            return await self.sync(command["url"], command["room"], command["expect"])
+        if name == "versions":
+            from importlib.metadata import version
+
+            return {package: version(package) for package in self.VERSIONS}
+        if name == "quit":
+            await self.leave_all()
+            return {}
+        raise ValueError(f"unknown command {name!r}")
+
+
+class Client(CommandClient):
     """Holds rooms joined through pycrdt ``Provider``s and answers the orchestrator's commands."""
+
+    VERSIONS = ("pycrdt", "pycrdt-websocket", "websockets", "anyio")
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -235,25 +281,6 @@ class Client:
             except (TimeoutError, Exception):
                 task.cancel()
         self.rooms.clear()
-
-    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
-        name = command["cmd"]
-        if name == "join":
-            return await self.join(command["url"], command["room"], command.get("load"), command.get("observe", False))
-        if name == "set":
-            return await self.set_keys(command["room"], command["keys"], command["interval_ms"])
-        if name == "take":
-            return await self.take(command["keys"], command["timeout"])
-        if name == "sync":
-            return await self.sync(command["url"], command["room"], command["expect"])
-        if name == "versions":
-            from importlib.metadata import version
-
-            return {name: version(name) for name in ("pycrdt", "pycrdt-websocket", "websockets", "anyio")}
-        if name == "quit":
-            await self.leave_all()
-            return {}
-        raise ValueError(f"unknown command {name!r}")
 
 
 async def answer_commands(handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
