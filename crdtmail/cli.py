@@ -516,9 +516,7 @@ async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
     scheme = "wss" if tls else "ws"
     out.write(f"listening on {scheme}://{bound[0]}:{bound[1]}/sync (peer {peer.peer_id}); Ctrl-C stops\n")
     out.flush()
-    tasks = [asyncio.create_task(peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
-                                           compression=remote.compression).run())
-             for remote in replica.config.peers]
+    tasks = [asyncio.create_task(peer.dial_remote(remote).run()) for remote in replica.config.peers]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -412,14 +412,18 @@ class Peer:
         self.dialers.append(dialer)
         return dialer
 
+    def dial_remote(self, remote: RemotePeer, **backoff: Any) -> Dialer:
+        """A dialer for a configured peer: its URL, token, mailboxes, TLS trust and compression."""
+        return self.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
+                         compression=remote.compression, **backoff)
+
     async def dial_until(self, remotes: Sequence[RemotePeer], done: Callable[[], bool], *, timeout: float,
                          max_delay: float = 2.0) -> list[Dialer]:
         """Dial ``remotes`` until ``done()`` holds or ``timeout`` passes, then stop and close every link.
 
         Returns the dialers, which tell what went wrong (``last_error``) with a peer that was not reached.
         """
-        dialers = [self.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
-                             compression=remote.compression, max_delay=max_delay) for remote in remotes]
+        dialers = [self.dial_remote(remote, max_delay=max_delay) for remote in remotes]
         tasks = [asyncio.create_task(dialer.run()) for dialer in dialers]
         deadline = time.monotonic() + timeout
         while tasks and time.monotonic() < deadline and not done():

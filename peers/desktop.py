@@ -167,9 +167,7 @@ class DesktopPeer:
             observer.stop()
             raise ConfigError(f"cannot listen on {bind_host}:{bind_port}: {exc.strerror}; pick another --port") from exc
         remotes = config.peers if remotes is None else remotes
-        dialers = [self.peer.dial(r.url, r.token, r.mailboxes, ssl=r.client_tls(), compression=r.compression)
-                   for r in remotes]
-        tasks = [asyncio.create_task(dialer.run()) for dialer in dialers]
+        tasks = [asyncio.create_task(self.peer.dial_remote(remote).run()) for remote in remotes]
         tasks += [asyncio.create_task(self._work(name, lane, stop)) for name, lane in self.lanes.items()]
         status_path = self.replica.data_dir / STATUS_FILE
         if ready is not None:

@@ -283,10 +283,9 @@ class MobilePeer:
         self.stats.online_periods += 1
         self._ensure_monitor()
         for index, remote in enumerate(self.config.remotes):
-            dialer = self.peer.dial(remote.url, remote.token, remote.mailboxes, ssl=remote.client_tls(),
-                                    compression=remote.compression, initial_delay=self.config.reconnect_initial,
-                                    max_delay=self.config.reconnect_max,
-                                    rng=random.Random(f"crdtmail-mobile-backoff-{self.config.seed}-{index}"))
+            dialer = self.peer.dial_remote(
+                remote, initial_delay=self.config.reconnect_initial, max_delay=self.config.reconnect_max,
+                rng=random.Random(f"crdtmail-mobile-backoff-{self.config.seed}-{index}"))
             self._dialers.append(dialer)
             self._dial_tasks.append(asyncio.create_task(dialer.run(), name=f"crdtmail-mobile-dial {remote.url}"))
         if self.flaky_mean is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import logging
 import queue
 import sqlite3
 import threading
@@ -29,8 +28,6 @@ import pycrdt
 
 from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
 from crdtmail.model.backend import CommitBatch, FolderCount, IndexRow
-
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x63726D6C  # "crml": marks the file as a crdtmail database
