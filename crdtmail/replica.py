@@ -110,8 +110,11 @@ class Replica:
         message is committed.
         """
         box = self.mailbox(mailbox, create=True)
-        with _short_switch_interval(), self._backends[box.name].pipelined():
-            return import_source(box, path, progress=progress)
+        backend = self._backends[box.name]
+        with _short_switch_interval(), backend.pipelined():
+            report = import_source(box, path, progress=progress)
+        backend.fold_logs()
+        return report
 
     def close(self) -> None:
         """Close the store; mailboxes opened from it must not be used afterwards."""

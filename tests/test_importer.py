@@ -370,3 +370,18 @@ def test_read_message_file_takes_what_a_growing_file_added_after_fstat(tmp_path:
 
     with mock.patch.object(importer.os, "fstat", stale_fstat):
         assert read_message_file(str(path)) == data
+
+
+def test_an_import_leaves_every_document_folded_into_one_snapshot(tmp_path: Path) -> None:
+    from crdtmail.replica import Replica
+    from crdtmail.sample import generate_messages
+
+    write_maildir(tmp_path / "Maildir", generate_messages(300, seed=5, months=3))
+    with Replica.init(tmp_path / "data") as replica:
+        report = replica.import_path(tmp_path / "Maildir")
+        assert report.added == 300
+        store = replica.store
+        assert store._query("SELECT count(*) FROM updates") == [(0,)]
+        assert store._query("SELECT count(*) FROM documents WHERE snapshot IS NULL OR log_count > 0") == [(0,)]
+    with Replica.open(tmp_path / "data") as replica:
+        assert sum(count.total for count in replica.mailbox("default").counts().values()) == 300

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, MapEvent, Transaction, TransactionEvent
+from pycrdt import Doc, Map, MapEvent, Transaction, TransactionEvent, get_update
 
 from crdtmail.errors import (
     AmbiguousMessageError,
@@ -87,6 +87,8 @@ _MAX_FOLDER_NAME = 200
 _FLAG_SEPARATOR = "/"
 MAX_HELD_UPDATES = 10_000
 BULK_ROWS = 500
+_EMPTY_UPDATE = b"\x00\x00"  # Yrs's encoding of an update that holds nothing
+_EMPTY_STATE_VECTOR = b"\x00"
 
 
 def is_shard_name(name: str) -> bool:
@@ -478,10 +480,23 @@ class Mailbox:
 
     def _bulk_rows(self, shard: _Shard) -> dict[str, IndexRow]:
         """Every visible message's row, reading each map once (a pycrdt look-up per key costs a transaction)."""
+        return self._read_shard(shard)[0]
+
+    def _read_shard(self, shard: _Shard) -> tuple[dict[str, IndexRow], set[str]]:
+        """Every visible message's row, and every message id the shard holds (expunged ones too).
+
+        Each map is read once; the shard's flag-name caches learn every flag on the way.
+        """
         messages = _map_dict(shard.messages)
         placement = _map_dict(shard.placement)
         expunged = _map_dict(shard.expunged)
-        flags = _flags_by_message(shard)
+        flags: dict[str, set[str]] = {}
+        for key, value in _map_dict(shard.flags).items():
+            message_id, _, flag = key.partition(_FLAG_SEPARATOR)
+            shard.flag_names.add(flag)  # cleared flags too: flag_keys_of must find every key
+            shard.flagged_ids.add(message_id)
+            if value is True:
+                flags.setdefault(message_id, set()).add(flag)
         rows: dict[str, IndexRow] = {}
         for message_id, value in messages.items():
             if message_id in expunged:
@@ -498,7 +513,7 @@ class Mailbox:
                 subject=envelope.subject,
                 size=envelope.size,
             )
-        return rows
+        return rows, set(messages) | set(expunged)
 
     def repair_index(self) -> list[str]:
         """Rebuild the derived rows of every shard whose rows are missing or stale; returns the shards rebuilt."""
@@ -900,6 +915,17 @@ class Mailbox:
         """The update a peer with ``state_vector`` lacks for ``doc_name`` (everything when None)."""
         if doc_name == INDEX_DOC:
             return self._index_doc.get_update(state_vector)
+        shard = self._shards.get(doc_name)
+        if shard is None and is_shard_name(doc_name):
+            # Serving a shard this replica does not have in memory: the stored bytes answer without building a
+            # document (for a peer that has nothing of it, they are the answer as they are), which keeps a
+            # serving peer's memory flat and an initial sync's first answers fast.
+            stored = self._backend.load_document(doc_name)
+            if stored is None:
+                return _EMPTY_UPDATE
+            if state_vector is None or state_vector == _EMPTY_STATE_VECTOR:
+                return stored
+            return get_update(stored, state_vector)
         return self._load_shard(doc_name).doc.get_update(state_vector)
 
     def apply_update(self, doc_name: str, update: bytes, origin: Any, *, check_causality: bool = True) -> bool:
@@ -940,25 +966,27 @@ class Mailbox:
     def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any) -> None:
         self._pending.origins.append(origin)
         self._remote_origin = origin
-        self._watch_roots(doc_name)
         self._remote_changed = False
-        # A shard arriving whole (an initial sync) would raise an event per key; read it once afterwards instead.
+        # A shard arriving whole (an initial sync) would raise an event per key, and pycrdt builds each event
+        # from the whole map: its maps are observed only after it arrived, and read once instead.
         self._bulk_document = doc_name if doc_name != INDEX_DOC and doc.get_state() == b"\x00" else None
+        if self._bulk_document is None:
+            self._watch_roots(doc_name)
         try:
             with doc.transaction(origin=origin):
                 doc.apply_update(update)
         finally:
             self._remote_origin = None
             bulk, self._bulk_document = self._bulk_document, None
-        if bulk is not None and self._remote_changed:
-            shard = self._shards[doc_name]
-            arrived = set(_map_dict(shard.messages)) | set(_map_dict(shard.expunged))
-            for key in _map_dict(shard.flags):
-                message_id, _, flag = key.partition(_FLAG_SEPARATOR)
-                shard.flag_names.add(flag)
-                shard.flagged_ids.add(message_id)
-            self._pending.touched.setdefault(doc_name, set()).update(arrived)
-            self._pending.added.update(arrived)
+        if bulk is not None:
+            self._watch_roots(doc_name)  # from now on its changes are told apart by map events
+            if self._remote_changed:
+                # The rows become hints, so the commit reads none of the shard's maps again.
+                rows, arrived = self._read_shard(self._shards[doc_name])
+                pending = self._pending
+                pending.touched.setdefault(doc_name, set()).update(arrived)
+                pending.added.update(arrived)
+                pending.row_hints.update(rows)
         if not self._remote_changed:
             # Everything in it was here already (a relay brought it twice): nothing to store or pass on, which
             # also stops an update from circling a loop of peers.

@@ -394,3 +394,34 @@ def test_remote_update_during_a_held_batch_closes_the_local_transactions(mailbox
     assert {mailbox.message(mid).envelope.subject for mid in (local, remote, later)} == {
         "Local", "From the peer", "Local, later"}
     assert set().union(*(change.added for change in changes)) == {local, remote, later}
+
+
+def test_a_shard_not_in_memory_is_served_from_the_store_without_loading_it(backend: MailboxBackend) -> None:
+    source = Mailbox("m", backend)
+    ids = [source.add(make_raw(f"serve-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(6)]
+    source.set_flags(ids[0], add=["$Kept"])
+    source.set_flags(ids[0], remove=["$Kept"])  # a cleared flag stays a key of the map
+    source.set_flags(ids[1], add=["\\Flagged"])
+    source.expunge(ids[2])
+    shard = source.rows([ids[0]])[ids[0]].shard
+    serving = Mailbox("m", backend)  # a peer that has just started: nothing in memory
+    fresh = Mailbox("m", MemoryBackend())
+    fresh.apply_update("index", serving.encode_document("index"), origin="peer")
+    fresh.apply_update(shard, serving.encode_document(shard, fresh.document_state_vector(shard)), origin="peer")
+    assert serving.loaded_shards() == []
+    assert {m.id: m.flags for m in fresh.all_messages()} == {m.id: m.flags for m in source.all_messages()}
+    # A peer that has part of it gets the rest, computed from the stored bytes too.
+    later = source.add(make_raw("serve-later", date="03 Nov 2026 10:00:00 +0000")).message_id
+    source.set_flags(ids[3], add=["\\Seen"])
+    restarted = Mailbox("m", backend)
+    fresh.apply_update(shard, restarted.encode_document(shard, fresh.document_state_vector(shard)), origin="peer")
+    assert restarted.loaded_shards() == []
+    assert fresh.message(later) and "\\Seen" in fresh.message(ids[3]).flags
+    # The whole shard arrived at once on the fresh side; its cleared flag is known there, so an expunge
+    # removes every flag key of the message and nothing of it is left to sync back.
+    fresh.expunge(ids[0])
+    assert fresh.document_state_vector(shard) != source.document_state_vector(shard)
+    source.apply_update(shard, fresh.encode_document(shard, source.document_state_vector(shard)), origin="peer")
+    assert ids[0] not in {m.id for m in source.all_messages()}
+    assert {m.id: m.flags for m in fresh.all_messages()} == {m.id: m.flags for m in source.all_messages()}
+    assert serving.encode_document("2001-01") == b"\x00\x00"  # a shard nobody has: an empty answer

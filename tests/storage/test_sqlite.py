@@ -256,3 +256,50 @@ def test_an_import_writer_leaves_checkpoints_to_the_thread_and_its_wal_starts_ov
     monkeypatch.setattr(sqlite_module, "WAL_RESET_FRAMES", 256)
     restarted = largest_wal(tmp_path / "restarted")
     assert restarted < never_restarted / 2, (restarted, never_restarted)
+
+
+def test_a_document_arriving_whole_is_stored_once_as_its_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "COMPACT_MIN_LOG_BYTES", 512)
+    with SqliteStore.open(tmp_path / "a.sqlite3") as source_store:
+        source = Mailbox("m", source_store.backend("m"))
+        ids = [source.add(_mail(n)).message_id for n in range(5)]
+        shard = source.rows([ids[0]])[ids[0]].shard
+        whole = source.encode_document(shard)
+        assert len(whole) > 512
+    path = tmp_path / "b.sqlite3"
+    with SqliteStore.open(path) as store:
+        box = Mailbox("m", store.backend("m"))
+        logged = store._query("SELECT seq FROM sqlite_sequence WHERE name = 'updates'")
+        box.apply_update(shard, whole, origin="peer")
+        # Written once: never logged (and then folded at once), so the log's id sequence did not move.
+        assert store._query("SELECT seq FROM sqlite_sequence WHERE name = 'updates'") == logged
+        assert store._query("SELECT snapshot, log_count FROM documents WHERE mailbox = 'm' AND name = ?",
+                            (shard,)) == [(whole, 0)]
+        assert store._query("SELECT count(*) FROM updates WHERE mailbox = 'm' AND name = ?", (shard,)) == [(0,)]
+        # Later changes are logged, and the fold still encodes the live document rather than merging the log.
+        assert _toggle_until_folded(box, ids[0], 101, monkeypatch) == 0
+        assert store._query("SELECT log_count FROM documents WHERE mailbox = 'm' AND name = ?", (shard,))[0][0] < 101
+        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+    with SqliteStore.open(path) as store:
+        again = Mailbox("m", store.backend("m"))
+        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+        assert len(expected) == 5 and "\\Seen" in again.message(ids[0]).flags
+
+
+def test_fold_logs_leaves_one_snapshot_per_document_and_the_same_mailbox(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        box = Mailbox("m", store.backend("m"))
+        ids = [box.add(_mail(n)).message_id for n in range(10)]
+        box.set_flags(ids[3], add=["\\Flagged"])
+        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        assert store._query("SELECT count(*) FROM updates")[0][0] > 0
+        folded = store.backend("m").fold_logs()
+        assert folded and store._query("SELECT count(*) FROM updates") == [(0,)]
+        assert store._query("SELECT count(*) FROM documents WHERE log_count > 0 OR log_bytes > 0") == [(0,)]
+        assert store.backend("m").fold_logs() == []
+    with SqliteStore.open(path) as store:
+        again = Mailbox("m", store.backend("m"))
+        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
