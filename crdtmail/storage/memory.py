@@ -30,6 +30,10 @@ class MemoryBackend:
         self._documents[doc_name] = [merged]  # compaction, as the SQLite store does it
         return merged
 
+    def load_document_parts(self, doc_name: str) -> list[bytes]:
+        """Everything committed for the document, update by update."""
+        return list(self._documents.get(doc_name, ()))
+
     def document_names(self) -> list[str]:
         """Every stored document."""
         return sorted(self._documents)

@@ -321,6 +321,13 @@ class SqliteMailboxBackend:
 
     def load_document(self, doc_name: str) -> bytes | None:
         """The snapshot and every logged update, merged into one update."""
+        parts = self.load_document_parts(doc_name)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else pycrdt.merge_updates(*parts)
+
+    def load_document_parts(self, doc_name: str) -> list[bytes]:
+        """The snapshot, then every logged update in commit order."""
         self._others_wrote()  # before reading: a write after this shows at the fold, which then merges
         self._settle()
         rows = self._store._query(
@@ -328,16 +335,14 @@ class SqliteMailboxBackend:
         )
         if not rows:
             self._baselines[doc_name] = (0, 0, 0)
-            return None
+            return []
         parts = [rows[0][0]] if rows[0][0] else []
         log = self._store._query(
             "SELECT id, data FROM updates WHERE mailbox = ? AND name = ? ORDER BY id", (self.mailbox, doc_name)
         )
         parts.extend(row[1] for row in log)
         self._baselines[doc_name] = (len(parts[0]) if rows[0][0] else 0, int(log[-1][0]) if log else 0, 0)
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else pycrdt.merge_updates(*parts)
+        return parts
 
     def document_names(self) -> list[str]:
         """Every stored document of the mailbox."""
