@@ -170,6 +170,7 @@ class _Pending:
     folders_changed: bool = False
     blobs: dict[str, bytes] = field(default_factory=dict)
     row_hints: dict[str, IndexRow] = field(default_factory=dict)  # rows known without reading them back
+    envelopes: set[str] = field(default_factory=set)  # remote changes to an envelope or a tombstone
     documents: set[str] = field(default_factory=set)
     origins: list[Any] = field(default_factory=list)
 
@@ -335,6 +336,8 @@ class Mailbox:
                 if hints:
                     hints.pop(message_id, None)
             return
+        if root in ("messages", "expunged"):
+            pending.envelopes.update(keys)
         for key, change in keys.items():
             touched.add(key)
             if hints:
@@ -421,10 +424,10 @@ class Mailbox:
             # A big remote change (a whole shard arriving) reads each map once instead of once per message.
             # Rows an add hinted need no read at all: a bulk import hints nearly every one, and reading the whole
             # shard at each flush made an import quadratic in the shard's size.
-            unhinted = sum(1 for message_id in ids if message_id not in pending.row_hints)
+            unhinted = [message_id for message_id in ids if message_id not in pending.row_hints]
             bulk = None
-            if unhinted > BULK_ROWS_MIN and unhinted * BULK_ROWS_FRACTION > len(shard.messages):
-                bulk = self._bulk_rows(shard)
+            if len(unhinted) > BULK_ROWS_MIN and len(unhinted) * BULK_ROWS_FRACTION > len(shard.messages):
+                bulk = self._rows_after_change(shard, unhinted, pending)
             for message_id in ids:
                 row = pending.row_hints.get(message_id) or (
                     bulk.get(message_id) if bulk is not None else self._row(shard, message_id))
@@ -491,6 +494,29 @@ class Mailbox:
             subject=envelope.subject,
             size=envelope.size,
         )
+
+    def _rows_after_change(self, shard: _Shard, ids: list[str], pending: _Pending) -> dict[str, IndexRow]:
+        """The rows of many changed messages of one shard (a missing row: the message is not visible).
+
+        An envelope never changes once added, so when only flags and placements changed (a resync after flag
+        changes, say) each stored row keeps everything but those two, read from two small maps; otherwise the
+        whole shard is read.
+        """
+        if any(message_id in pending.envelopes or message_id in pending.added or message_id in pending.expunged
+               for message_id in ids):
+            return self._bulk_rows(shard)
+        stored = self._backend.rows(ids)
+        if len(stored) < len(ids) or any(row.shard != shard.name for row in stored.values()):
+            return self._bulk_rows(shard)  # a row missing or elsewhere: the index cannot be trusted to patch
+        placement = _map_dict(shard.placement)
+        flags = _flags_by_message(shard)
+        rows: dict[str, IndexRow] = {}
+        for message_id, row in stored.items():
+            folder = placement.get(message_id)
+            rows[message_id] = dataclasses.replace(
+                row, folder_id=folder if isinstance(folder, str) else INBOX,
+                flags=tuple(sorted(flags.get(message_id, ()))))
+        return rows
 
     def rows_for_shard(self, shard_name: str) -> dict[str, IndexRow]:
         """Recompute the derived rows of one shard from its document."""
