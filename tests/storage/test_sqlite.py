@@ -180,7 +180,7 @@ def test_a_fold_from_the_live_document_keeps_everything_and_drops_history(
         # The live document's encoding is what was stored: far smaller than the merged history.
         log = [row[0] for row in store._query("SELECT data FROM updates WHERE mailbox = 'm' AND name = ?", (shard,))]
         merged = pycrdt.merge_updates(store._query(
-            "SELECT snapshot FROM documents WHERE mailbox = 'm' AND name = ?", (shard,))[0][0], *log)
+            "SELECT data FROM snapshots WHERE mailbox = 'm' AND name = ?", (shard,))[0][0], *log)
         assert pycrdt.get_state(merged) == box.document_state_vector(shard)
     with SqliteStore.open(path) as store:
         again = Mailbox("m", store.backend("m"))
@@ -275,8 +275,9 @@ def test_a_document_arriving_whole_is_stored_once_as_its_snapshot(
         box.apply_update(shard, whole, origin="peer")
         # Written once: never logged (and then folded at once), so the log's id sequence did not move.
         assert store._query("SELECT seq FROM sqlite_sequence WHERE name = 'updates'") == logged
-        assert store._query("SELECT snapshot, log_count FROM documents WHERE mailbox = 'm' AND name = ?",
-                            (shard,)) == [(whole, 0)]
+        assert store._query("SELECT data FROM snapshots WHERE mailbox = 'm' AND name = ?", (shard,)) == [(whole,)]
+        assert store._query("SELECT snapshot_bytes, log_count FROM documents WHERE mailbox = 'm' AND name = ?",
+                            (shard,)) == [(len(whole), 0)]
         assert store._query("SELECT count(*) FROM updates WHERE mailbox = 'm' AND name = ?", (shard,)) == [(0,)]
         # Later changes are logged, and the fold still encodes the live document rather than merging the log.
         assert _toggle_until_folded(box, ids[0], 101, monkeypatch) == 0
@@ -303,3 +304,69 @@ def test_fold_logs_leaves_one_snapshot_per_document_and_the_same_mailbox(tmp_pat
     with SqliteStore.open(path) as store:
         again = Mailbox("m", store.backend("m"))
         assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+
+
+def test_a_flag_change_does_not_rewrite_the_shards_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        box = Mailbox("m", store.backend("m"))
+        with box.batch():
+            ids = [box.add(_mail(n)).message_id for n in range(2000)]
+        store.backend("m").fold_logs()
+        shard = box.rows([ids[0]])[ids[0]].shard
+        snapshot_bytes = store._query("SELECT snapshot_bytes FROM documents WHERE name = ?", (shard,))[0][0]
+        assert snapshot_bytes > 300_000
+        wal = Path(f"{path}-wal")
+        box.set_flags(ids[0], add=["\\Seen"])
+        before = wal.stat().st_size
+        for message_id in ids[1:21]:
+            box.set_flags(message_id, add=["\\Seen"])
+        # Each commit writes about ten pages (the log row, the counters, the listing row and their indexes),
+        # never the snapshot again.
+        written = wal.stat().st_size - before
+        assert 0 <= written < 20 * snapshot_bytes / 4, written
+
+
+def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        box = Mailbox("m", store.backend("m"))
+        ids = [box.add(_mail(n)).message_id for n in range(6)]
+        store.backend("m").fold_logs()
+        box.set_flags(ids[1], add=["\\Flagged"])  # a log row beside the snapshot
+        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        shard = box.rows([ids[0]])[ids[0]].shard
+    # What schema 1 looked like: the snapshots inside the documents table.
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("UPDATE documents SET snapshot = (SELECT data FROM snapshots"
+                       " WHERE snapshots.mailbox = documents.mailbox AND snapshots.name = documents.name)")
+    connection.execute("DROP TABLE snapshots")
+    connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    connection.close()
+    with SqliteStore.open(path) as store:
+        assert store._query("SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+        assert store._query("SELECT count(*) FROM documents WHERE snapshot IS NOT NULL") == [(0,)]
+        assert store._query("SELECT count(*) FROM snapshots WHERE name = ?", (shard,)) == [(1,)]
+        again = Mailbox("m", store.backend("m"))
+        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+
+
+def test_a_snapshot_a_schema_1_process_folds_after_the_upgrade_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        box = Mailbox("m", store.backend("m"))
+        first = box.add(_mail(1)).message_id
+        store.backend("m").fold_logs()
+        shard = box.rows([first])[first].shard
+    # A schema-1 process that read no snapshot (it looks in documents) adds a message and folds: its snapshot
+    # lands in the old column and lacks the first message.
+    other = Mailbox("m", __import__("crdtmail.storage.memory", fromlist=["MemoryBackend"]).MemoryBackend())
+    second = other.add(_mail(2)).message_id
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("UPDATE documents SET snapshot = ? WHERE mailbox = 'm' AND name = ?",
+                       (other.encode_document(shard), shard))
+    connection.close()
+    with SqliteStore.open(path) as store:
+        again = Mailbox("m", store.backend("m"))
+        assert {m.id for m in again.all_messages()} == {first, second}
+        assert store._query("SELECT count(*) FROM documents WHERE snapshot IS NOT NULL") == [(0,)]
