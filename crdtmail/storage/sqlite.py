@@ -601,6 +601,8 @@ def _verify_blobs(batch: CommitBatch) -> None:
             raise BlobIntegrityError(f"blob {sha256} does not hash to its name; nothing of its batch was committed")
 
 
+_PATCHED_ROWS_MAX = 8
+
 _FoldHint = Callable[[sqlite3.Connection, str, int, int], "bytes | None"]
 
 
@@ -618,7 +620,21 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
                 "DELETE FROM rows WHERE mailbox = ? AND message_id = ?",
                 [(mailbox, message_id) for message_id in batch.rows_delete],
             )
-        if batch.rows_upsert:
+        upsert = batch.rows_upsert
+        if 0 < len(upsert) <= _PATCHED_ROWS_MAX:
+            # A few rows (a live change): where only flags differ, an UPDATE of those two columns rewrites the
+            # table's page and the unread index's, where INSERT OR REPLACE rewrites all four of the row's B-trees.
+            upsert = {}
+            for message_id, r in batch.rows_upsert.items():
+                patched = connection.execute(
+                    "UPDATE rows SET seen = ?, flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
+                    " AND folder_id = ? AND date = ? AND sender = ? AND subject = ? AND size = ?",
+                    (int(r.seen), " ".join(r.flags), mailbox, message_id, r.shard, r.folder_id, r.date, r.sender,
+                     r.subject, r.size),
+                ).rowcount
+                if not patched:
+                    upsert[message_id] = r
+        if upsert:
             _insert_many(
                 connection,
                 "INSERT OR REPLACE INTO rows (mailbox, message_id, shard, folder_id, date, seen, flags,"
@@ -628,7 +644,7 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
                 [
                     (mailbox, r.message_id, r.shard, r.folder_id, r.date, int(r.seen), " ".join(r.flags),
                      r.sender, r.subject, r.size)
-                    for _, r in sorted(batch.rows_upsert.items())
+                    for _, r in sorted(upsert.items())
                 ],
             )
         if batch.indexed_shards:
