@@ -1,8 +1,9 @@
 """The peer's durable store: one SQLite database (WAL) per data directory.
 
-Per mailbox it keeps each document as a snapshot plus an append-only log of updates, folded into a new snapshot
-once the log outgrows it; the state vector of each document, so a sync can be answered without loading it; the
-derived index rows; and, shared by all mailboxes, the content-addressed body blobs.
+Per mailbox it keeps each document as a snapshot (table ``snapshots``) plus an append-only log of updates
+(``updates``), folded into a new snapshot once the log outgrows it; each document's counters and state vector
+(``documents``), so a sync can be answered without loading it; the derived index rows; and, shared by all
+mailboxes, the content-addressed body blobs.
 
 A ``commit`` is one SQLite transaction. With ``synchronous=NORMAL`` (the default) a committed transaction is in
 the WAL file before ``commit`` returns, so it survives SIGKILL of the process; ``FULL`` also fsyncs it, so it
