@@ -16,7 +16,7 @@ import functools
 import logging
 import ssl as ssl_module
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -173,7 +173,8 @@ class _Session:
                         self.synced.add(follow_up.mailbox)
                         self.last_sync = time.time()
                         log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
-                        self.want_bodies(self.peer.missing_bodies(follow_up.mailbox))
+                        missing = self.peer.missing_body_sizes(follow_up.mailbox)
+                        self.want_bodies(sorted(missing), sizes={h: n for h, n in missing.items() if n is not None})
 
     def _answer_hello(self, hello: HelloReceived) -> None:
         device = self.device
@@ -204,16 +205,18 @@ class _Session:
             sync.on_change(change)
             if change.origin is self.connection and change.added and self.peer.bodies.fetch:
                 # The peer that sent the new messages has their bodies.
-                box = self.peer.mailbox(mailbox)
-                envelopes = [box.message(message_id).envelope for message_id in change.added]
-                wanted = [e.body_sha256 for e in envelopes if self.peer.bodies.wants(e)]
-                self.want_bodies(h for h in wanted if not self.peer.has_blob(h))
+                # In bulk: a shard's initial sync adds thousands of messages in one change.
+                envelopes = [e for e in self.peer.mailbox(mailbox).envelopes(change.added).values()
+                             if self.peer.bodies.wants(e)]
+                self.want_bodies(self.peer.lacking_blobs(e.body_sha256 for e in envelopes),
+                                 sizes={e.body_sha256: e.size for e in envelopes})
             self.flush()
 
-    def want_bodies(self, hashes: Iterable[str]) -> None:
+    def want_bodies(self, hashes: Iterable[str], *, sizes: Mapping[str, int] | None = None) -> None:
         wanted = [h for h in hashes if h and not self.connection.is_wanted(h)]
         if wanted and self.connection.is_open:
-            self.connection.want_blobs(wanted)
+            # The sizes (the envelopes' say) let the connection keep many small bodies in flight.
+            self.connection.want_blobs(wanted, sizes=sizes)
             self.flush()
 
     def flush(self) -> None:
@@ -348,11 +351,22 @@ class Peer:
 
     def missing_bodies(self, mailbox: str) -> list[str]:
         """Body hashes this peer wants and lacks: the policy's choice for this mailbox, and any requested."""
-        requested = sorted(h for h in self._requested_bodies if not self.has_blob(h))
-        if not self.bodies.fetch:
-            return requested
-        hashes = {m.envelope.body_sha256 for m in self.mailbox(mailbox).all_messages() if self.bodies.wants(m.envelope)}
-        return sorted({h for h in hashes if h and not self.has_blob(h)} | set(requested))
+        return sorted(self.missing_body_sizes(mailbox))
+
+    def missing_body_sizes(self, mailbox: str) -> dict[str, int | None]:
+        """``missing_bodies`` with each body's size as its envelope gives it (None for one requested by hash)."""
+        missing: dict[str, int | None] = dict.fromkeys(self.lacking_blobs(self._requested_bodies))
+        if self.bodies.fetch:
+            sizes = {e.body_sha256: e.size for e in self.mailbox(mailbox).all_envelopes() if self.bodies.wants(e)}
+            missing.update((sha256, sizes[sha256]) for sha256 in self.lacking_blobs(sizes))
+        return missing
+
+    def lacking_blobs(self, hashes: Iterable[str]) -> list[str]:
+        """The hashes among ``hashes`` of bodies this peer does not hold, each once, in order (``has_blob`` for
+        many: the blob store is asked once per few hundred, not once per body)."""
+        candidates = [h for h in dict.fromkeys(hashes) if h and not any(s.has_body(h) for s in self.body_sources)]
+        stored = self.replica.store.backend("").stored_blobs(candidates) if candidates else set()
+        return [h for h in candidates if h not in stored]
 
     def has_blob(self, sha256: str) -> bool:
         """Whether this peer holds a body, in its blob store or in a body source."""

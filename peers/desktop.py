@@ -1,9 +1,10 @@
 """The desktop peer: the sync peer plus a two-way Maildir bridge per mailbox, running until stopped.
 
 ``crdtmail desktop --maildir ~/Maildir`` (or ``python -m peers.desktop``) mirrors the Maildir into the replica,
-then keeps both in step: watchdog's inotify observer reports file renames, deliveries and removals within
-milliseconds, a full rescan every ``rescan_seconds`` is the safety net, and every change the replica receives from
-a phone is written back to the files. Paired devices connect to it; configured peers are dialed.
+then keeps both in step: inotify (peers/inotify.py; watchdog where there is none) reports file renames, deliveries
+and removals within milliseconds, a full rescan every ``rescan_seconds`` is the safety net, and every change the
+replica receives from a phone is written back to the files. Paired devices connect to it; configured peers are
+dialed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from crdtmail.bridges.maildir import EXPUNGED_AREA, MaildirBridge, PassReport, describe
@@ -32,6 +42,7 @@ from crdtmail.errors import ConfigError, CrdtmailError
 from crdtmail.model.mailbox import MailboxChange
 from crdtmail.peer import Peer
 from crdtmail.replica import Replica
+from peers import inotify
 
 log = logging.getLogger("crdtmail.desktop")
 # watchdog warns when it re-adds a watch for a directory it already watches (a folder renamed back and forth).
@@ -42,6 +53,12 @@ DEBOUNCE_SECONDS = 0.003  # a mail client renames several files in a burst: take
 STREAM_BATCH_SECONDS = 0.05
 STREAM_BATCH_MIN = 50
 CONFIRM_GONE_SECONDS = 0.5  # a vanished file is looked for everywhere after this, before it counts as removed
+# What a Maildir changes by: files and folder directories appear, move and disappear (a mail file's content never
+# changes). Asking inotify for these alone keeps the kernel from queueing, and watchdog's thread from decoding,
+# an open, modify and close event for every file read (each body served to a peer) or written (each delivery):
+# Python work that holds the GIL the event loop needs.
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileDeletedEvent, FileMovedEvent, DirCreatedEvent,
+                                               DirDeletedEvent, DirMovedEvent]
 
 
 class _Watch(FileSystemEventHandler):
@@ -88,6 +105,12 @@ class _Lane:
     paths: set[str] = field(default_factory=set)
     folders_changed: bool = False
     full_due: float | None = None
+    watch: inotify.MaildirWatch | None = None
+
+    def refresh_watch(self) -> None:
+        """Watch the folder directories there are now (inotify watches are per directory)."""
+        if self.watch is not None:
+            self.watch.refresh(self.bridge.folder_dirs())
 
     def file_event(self, paths: list[str]) -> None:
         self.paths.update(paths)
@@ -111,7 +134,7 @@ class DesktopPeer:
     """A replica's peer with a Maildir bridge for each mailbox in ``maildirs``."""
 
     def __init__(self, replica: Replica, maildirs: dict[str, Path], *, rescan_seconds: float | None = None,
-                 retention_days: float | None = None) -> None:
+                 retention_days: float | None = None, watcher: str = "auto") -> None:
         if not maildirs:
             raise ConfigError("no Maildir to mirror: give --maildir PATH, or a [maildirs] entry in the config")
         for name, root in maildirs.items():
@@ -123,6 +146,10 @@ class DesktopPeer:
         config = replica.config
         self.rescan_seconds = config.rescan_seconds if rescan_seconds is None else rescan_seconds
         self.retention_days = config.expunged_retention_days if retention_days is None else retention_days
+        if watcher not in ("auto", "inotify", "watchdog"):
+            raise ConfigError(f"unknown file watcher {watcher!r}: auto, inotify or watchdog")
+        # inotify read on the event loop where there is one (cheaper, see peers/inotify.py); watchdog elsewhere.
+        self.watcher = ("inotify" if inotify.available() else "watchdog") if watcher == "auto" else watcher
         self.peer = Peer(replica, bodies=True)
         self.lanes: dict[str, _Lane] = {}
         self._blobs = replica.store.backend("")
@@ -133,7 +160,8 @@ class DesktopPeer:
         for name, root in self.maildirs.items():
             mailbox = self.peer.mailbox(name)
             bridge = MaildirBridge(mailbox, root, self.replica.store, retention_days=self.retention_days,
-                                   blob=self._blobs.get_blob, drop_blobs=self.replica.store.delete_blobs)
+                                   blob=self._blobs.get_blob, drop_blobs=self.replica.store.delete_blobs,
+                                   stored_blobs=self._blobs.stored_blobs)
             self.peer.body_sources.append(bridge)
             self.peer.body_listeners.append(bridge.body_arrived)
             lane = _Lane(bridge)
@@ -157,7 +185,19 @@ class DesktopPeer:
         loop = asyncio.get_running_loop()
         observer = Observer()
         for name, lane in self.lanes.items():
-            observer.schedule(_Watch(lane, loop, self.maildirs[name]), str(self.maildirs[name]), recursive=True)
+            if self.watcher == "inotify":
+                try:
+                    lane.watch = inotify.MaildirWatch(self.maildirs[name], lane.file_event, lane.folder_event)
+                    lane.watch.start(loop, lane.bridge.folder_dirs())
+                except OSError as exc:  # out of inotify instances (fs.inotify.max_user_instances), say
+                    log.warning("maildir %s: cannot use inotify (%s); watching with watchdog", name, exc)
+                    if lane.watch is not None:
+                        lane.watch.close()
+                        lane.watch = None
+                else:
+                    continue
+            observer.schedule(_Watch(lane, loop, self.maildirs[name]), str(self.maildirs[name]), recursive=True,
+                              event_filter=WATCHED_EVENTS)
         observer.start()
         bind_host = host or config.listen_host
         bind_port = config.listen_port if port is None else port
@@ -189,6 +229,9 @@ class DesktopPeer:
                 lane.wake.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(observer.join, 5)
+            for lane in self.lanes.values():
+                if lane.watch is not None:
+                    lane.watch.close()
             status_path.unlink(missing_ok=True)
 
     @property
@@ -224,7 +267,9 @@ class DesktopPeer:
                     lane.paths.clear()
                     lane.folders_changed = False
                     lane.full_due = None
+                    lane.refresh_watch()  # before the listing: a file arriving after it is then seen
                     report = bridge.full_pass(compare_replica=False)
+                    lane.refresh_watch()  # and directories the pass made
                     next_full = time.monotonic() + self.rescan_seconds
                     if report.changed():
                         log.info("maildir %s: full pass over %d files in %.2fs: %s", name, report.files_seen,
@@ -233,6 +278,8 @@ class DesktopPeer:
                 paths, lane.paths = lane.paths, set()
                 folders, lane.folders_changed = lane.folders_changed, False
                 report, needs_full = bridge.quick_pass(paths, folders_changed=folders)
+                if folders or report.folders_changed:
+                    lane.refresh_watch()
                 # While mail streams in (a first mirror), wait a little longer for the next group: fewer, larger
                 # groups cost fewer transactions; a single change still goes out after DEBOUNCE_SECONDS.
                 delay = STREAM_BATCH_SECONDS if report.delivered >= STREAM_BATCH_MIN else DEBOUNCE_SECONDS

@@ -14,6 +14,7 @@ from crdtmail.peer import Peer
 from crdtmail.replica import Replica
 from crdtmail.sample import generate_messages, write_maildir
 from crdtmail.transport import Dialer
+from tests.conftest import make_raw
 
 
 def snapshot(mailbox: Mailbox) -> tuple[object, ...]:
@@ -265,3 +266,19 @@ def test_a_sync_window_keeps_old_shards_off_the_phone(tmp_path: Path) -> None:
     asyncio.run(main())
     desktop_replica.close()
     phone_replica.close()
+
+
+def test_lacking_blobs_asks_the_store_in_bulk_and_keeps_order(tmp_path: Path) -> None:
+    replica = Replica.init(tmp_path / "peer")
+    try:
+        peer = Peer(replica)
+        box = peer.mailbox("default")
+        held = [box.add(make_raw(f"held {n}")).message_id for n in range(3)]
+        hashes = [box.message(message_id).envelope.body_sha256 for message_id in held]
+        absent = [f"{n:064x}" for n in range(600)]  # more than one look-up's worth
+        asked = [absent[0], hashes[0], *absent[1:], hashes[1], absent[0], "", hashes[2]]
+        assert peer.lacking_blobs(asked) == absent
+        assert all(peer.has_blob(h) for h in hashes) and not peer.has_blob(absent[5])
+        assert peer.missing_bodies("default") == [] and peer.missing_body_sizes("default") == {}
+    finally:
+        replica.close()

@@ -53,6 +53,7 @@ from crdtmail.bridges.layout import (
 )
 from crdtmail.bridges.parse_worker import read_and_parse
 from crdtmail.bridges.state import BridgeState, FileRecord, journal_path, path_from_journal
+from crdtmail.digest import sha256_hex
 from crdtmail.errors import CrdtmailError, ExpungedMessageError, ModelError
 from crdtmail.importer import read_message_file, show_path
 from crdtmail.model.backend import IndexRow
@@ -70,6 +71,7 @@ _DELIVER_EVERY = 500
 _WORKER_THRESHOLD = 2000  # new files from which reading and parsing move to a worker process
 _WORKER_CHUNK = 256
 _MAX_ARRIVED_BYTES = 64 * 1024 * 1024  # bodies held in memory between arrival and delivery
+_WRITE_STREAMS = 8  # deliveries of a group written side by side (fsyncs in flight together), each in order
 
 
 @dataclass
@@ -131,7 +133,8 @@ class MaildirBridge:
     def __init__(self, mailbox: Mailbox, root: Path, store: SqliteStore, *,
                  retention_days: float = DEFAULT_RETENTION_DAYS,
                  blob: Callable[[str], bytes | None] | None = None,
-                 drop_blobs: Callable[[list[str]], None] | None = None) -> None:
+                 drop_blobs: Callable[[list[str]], None] | None = None,
+                 stored_blobs: Callable[[list[str]], set[str]] | None = None) -> None:
         self.mailbox = mailbox
         self.root = root
         self._root_text = str(root)
@@ -139,11 +142,16 @@ class MaildirBridge:
         self.retention_days = retention_days
         self._blob = blob or (lambda sha256: None)
         self._drop_blobs = drop_blobs or (lambda hashes: None)
+        # Which bodies the blob store holds, asked for a whole delivery group at once; without it, each is fetched.
+        self._stored_blobs = stored_blobs
         self._step = _ExitHook()
         self._applying = 0  # our own replica changes are not news to us (a depth: operations nest)
         self.dirty_messages: set[str] = set()
         self.dirty_folders = False
         self.waiting_bodies: dict[str, str] = {}  # body sha256 -> message id to deliver once it arrives
+        # The other way round: an envelope never changes, so a waiting message's body hash need not be read from
+        # its shard again when the body comes.
+        self._waiting_hash: dict[str, str] = {}
         self._arrived: dict[str, bytes] = {}  # bodies taken from peers, not yet written (see take_body)
         self._arrived_bytes = 0
         self._jobs: list[_DeliveryJob] = []
@@ -204,7 +212,7 @@ class MaildirBridge:
         if not isinstance(result, bytes):
             self.dirty_messages.add(record.message_id)
             return None
-        if hashlib.sha256(result).hexdigest() != sha256:
+        if sha256_hex(result) != sha256:  # on the event loop's thread: see crdtmail.digest
             log.warning("%s no longer matches the body of message %s; not serving it",
                         show_path(self.path(record.file)), record.message_id)
             return None
@@ -745,23 +753,35 @@ class MaildirBridge:
         transaction; the bodies then leave the blob store, as the Maildir holds them now.
         """
         ready: list[tuple[IndexRow, str, bytes]] = []
+        hashes: list[tuple[IndexRow, str]] = []
         for row in rows:
-            envelope = self.mailbox.envelope_in(row.message_id, row.shard)
-            if envelope is None:
+            known = self._waiting_hash.get(row.message_id)
+            if known is not None:
+                hashes.append((row, known))
                 continue
-            sha256 = envelope.body_sha256
+            envelope = self.mailbox.envelope_in(row.message_id, row.shard)
+            if envelope is not None:
+                hashes.append((row, envelope.body_sha256))
+        stored = None
+        if self._stored_blobs is not None:
+            # One look-up for the bodies that did not come straight from a peer, not one per message (most of
+            # a first mirror's messages wait for bodies that are nowhere yet).
+            stored = self._stored_blobs([sha256 for _, sha256 in hashes if sha256 and sha256 not in self._arrived])
+        for row, sha256 in hashes:
             body = self._arrived.pop(sha256, None)
             if body is not None:
                 self._arrived_bytes -= len(body)
-            elif sha256:
+            elif sha256 and (stored is None or sha256 in stored):
                 body = self._blob(sha256)
                 if body is not None:
                     self._from_store.add(sha256)
             if body is None:
                 self.waiting_bodies[sha256] = row.message_id
+                self._waiting_hash[row.message_id] = sha256
                 report.waiting_for_bodies += 1
                 continue
             self.waiting_bodies.pop(sha256, None)
+            self._waiting_hash.pop(row.message_id, None)
             ready.append((row, sha256, body))
             if len(ready) >= _DELIVER_EVERY:
                 self._deliver_group(ready, report)
@@ -777,17 +797,20 @@ class MaildirBridge:
             unique = new_unique_name()
             final = MaildirFile(folder_dir, "cur", f"{unique}:2,{letters}") if letters else MaildirFile(
                 folder_dir, "new", unique)
-            planned.append(_Planned(row, sha256, body, Path(folder_dir) / "tmp" / unique, final, letters))
+            planned.append(_Planned(row, sha256, body, os.path.join(folder_dir, "tmp", unique), final, letters))
         entries = self.state.journal_many([
-            {"op": "deliver", "from": journal_path(str(p.temporary)), "to": journal_path(p.final.relative()),
+            {"op": "deliver", "from": journal_path(p.temporary), "to": journal_path(p.final.relative()),
              "sha256": p.sha256} for p in planned])
         self._step("journal before delivery")
         for folder_dir in {p.final.folder_dir for p in planned}:
             (self.root / folder_dir / "tmp").mkdir(parents=True, exist_ok=True)
         # fsync waits on the disk, not the CPU: several in flight let the file system commit them together, and
-        # a running peer goes on receiving while they are written (see finish_deliveries).
-        writes = [_writers().submit(_deliver_file, self.root / p.temporary, self.path_text(p.final), p.body)
-                  for p in planned]
+        # a running peer goes on receiving while they are written (see finish_deliveries). A task per stream of
+        # files rather than per file: a future and a thread hand-off per file cost the event loop's thread more
+        # than the writing does.
+        files = [(os.path.join(self._root_text, p.temporary), self.path_text(p.final), p.body) for p in planned]
+        writes = [_writers().submit(_deliver_files, files[start::_WRITE_STREAMS])
+                  for start in range(min(_WRITE_STREAMS, len(files)))]
         directories = {os.path.dirname(self.path_text(p.final)) for p in planned}
         # The directory fsyncs run on a writer thread too, once every file of the group is in place.
         job = _DeliveryJob(planned, entries, _writers().submit(_settle_group, writes, directories))
@@ -887,7 +910,7 @@ class _Planned:
     row: IndexRow
     sha256: str
     body: bytes
-    temporary: Path
+    temporary: str  # relative to the Maildir root
     final: MaildirFile
     letters: str
 
@@ -966,7 +989,7 @@ def _entries(directory: Path) -> list[Path]:
         return []
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         view = memoryview(data)
@@ -978,10 +1001,11 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _deliver_file(temporary: Path, final: str, data: bytes) -> None:
-    """Write a delivery to tmp/, fsync it, rename it into place (on a writer thread)."""
-    _write_durably(temporary, data)
-    os.rename(temporary, final)
+def _deliver_files(files: list[tuple[str, str, bytes]]) -> None:
+    """Write each delivery to tmp/, fsync it, rename it into place, one after the other (on a writer thread)."""
+    for temporary, final, data in files:
+        _write_durably(temporary, data)
+        os.rename(temporary, final)
 
 
 def _settle_group(writes: list[concurrent.futures.Future[None]], directories: set[str]) -> None:

@@ -18,7 +18,7 @@ import orjson
 
 from crdtmail.bridges.layout import MaildirFile
 from crdtmail.errors import StorageError
-from crdtmail.storage.sqlite import SqliteStore
+from crdtmail.storage.sqlite import SqliteStore, insert_many
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bridge_files (
@@ -143,9 +143,10 @@ class BridgeState:
                 connection.executemany("DELETE FROM bridge_files WHERE mailbox = ? AND uid = ?",
                                        [(self.mailbox, os.fsencode(uid)) for uid in delete])
             if put:
-                connection.executemany(
+                insert_many(  # a statement per 90 rows, not per row: each one lets go of the GIL
+                    connection,
                     "INSERT OR REPLACE INTO bridge_files (mailbox, uid, message_id, folder_id, folder_dir, sub, name,"
-                    " letters, sha256, is_primary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " letters, sha256, is_primary) VALUES ",
                     [(self.mailbox, os.fsencode(r.uid), r.message_id, r.folder_id, os.fsencode(r.file.folder_dir),
                       r.file.sub, os.fsencode(r.file.name), r.letters, r.sha256, int(r.is_primary)) for r in put],
                 )
@@ -159,7 +160,10 @@ class BridgeState:
                         (self.mailbox, os.fsencode(folder_dir), folder_id))
             if done_journal is not None:
                 done = [done_journal] if isinstance(done_journal, int) else list(done_journal)
-                connection.executemany("DELETE FROM bridge_journal WHERE id = ?", [(entry,) for entry in done])
+                for start in range(0, len(done), _ROWS_PER_STATEMENT):
+                    chunk = done[start : start + _ROWS_PER_STATEMENT]
+                    connection.execute(f"DELETE FROM bridge_journal WHERE id IN ({','.join('?' * len(chunk))})",
+                                       chunk)
         for uid in delete:
             record = self.records.get(uid)
             if record is not None:
@@ -178,12 +182,18 @@ class BridgeState:
 
     def journal_many(self, entries: list[dict[str, Any]]) -> list[int]:
         """Write down several file operations in one transaction; returns their ids."""
-        ids = []
+        ids: list[int] = []
         with self.store.transaction() as connection:
-            for entry in entries:
-                cursor = connection.execute("INSERT INTO bridge_journal (mailbox, entry) VALUES (?, ?)",
-                                            (self.mailbox, orjson.dumps(entry).decode()))
-                ids.append(int(cursor.lastrowid or 0))
+            for start in range(0, len(entries), _ROWS_PER_STATEMENT):
+                chunk = entries[start : start + _ROWS_PER_STATEMENT]
+                rows = connection.execute(
+                    "INSERT INTO bridge_journal (mailbox, entry) VALUES " + ",".join(["(?, ?)"] * len(chunk))
+                    + " RETURNING id",
+                    [value for entry in chunk for value in (self.mailbox, orjson.dumps(entry).decode())],
+                ).fetchall()
+                # A multi-row VALUES inserts its rows in order and AUTOINCREMENT numbers them upwards, so the ids
+                # sorted are the entries' ids in order (RETURNING itself promises no order).
+                ids.extend(sorted(int(row[0]) for row in rows))
         return ids
 
     def open_journal(self) -> list[tuple[int, dict[str, Any]]]:
@@ -198,6 +208,9 @@ class BridgeState:
                 "INSERT OR REPLACE INTO bridge_meta (mailbox, key, value) VALUES (?, ?, ?)",
                 [(self.mailbox, key, orjson.dumps(value).decode()) for key, value in values.items()],
             )
+
+
+_ROWS_PER_STATEMENT = 400  # journal rows (two bound values each) or ids per statement: under 900 bound values
 
 
 def _name(value: bytes | str) -> str:

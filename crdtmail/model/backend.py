@@ -145,3 +145,7 @@ class MailboxBackend(Protocol):
     def has_blob(self, sha256: str) -> bool:
         """Whether a body blob is stored."""
         ...
+
+    def stored_blobs(self, hashes: Sequence[str]) -> set[str]:
+        """Which of ``hashes`` are stored (one look-up for many, where ``has_blob`` is one per blob)."""
+        ...

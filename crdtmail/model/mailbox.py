@@ -831,6 +831,17 @@ class Mailbox:
         value = self._load_shard(shard_name).visible_envelope(message_id)
         return None if value is None else Envelope.from_crdt(value)
 
+    def envelopes(self, message_ids: Iterable[str]) -> dict[str, Envelope]:
+        """The envelopes of the visible messages among ``message_ids`` (committed ones: their shards are looked
+        up in the derived index a few hundred at a time, where ``message`` costs a look-up per message)."""
+        rows = self._backend.rows(list(message_ids))
+        found = {}
+        for message_id, row in rows.items():
+            envelope = self.envelope_in(message_id, row.shard)
+            if envelope is not None:
+                found[message_id] = envelope
+        return found
+
     def body(self, message_id: str) -> bytes | None:
         """The raw message from the blob store, or None if this replica does not hold the body."""
         return self._backend.get_blob(self.message(message_id).envelope.body_sha256)
@@ -1092,6 +1103,17 @@ class Mailbox:
                     envelope=Envelope.from_crdt(value),
                     flags=frozenset(flags.get(message_id, ())),
                 )
+
+    def all_envelopes(self) -> Iterator[Envelope]:
+        """The envelope of every visible message of every stored shard (loads them all; no folders or flags)."""
+        for name in self.document_names():
+            if not is_shard_name(name):
+                continue
+            shard = self._load_shard(name)
+            expunged = set(shard.expunged.keys())
+            for message_id, value in shard.messages.items():
+                if message_id not in expunged:
+                    yield Envelope.from_crdt(value)
 
     def expunged_ids(self) -> set[str]:
         """Ids with a tombstone, across every stored shard."""

@@ -152,9 +152,18 @@ class Limits:
     max_blob_wants: int = 1024
     """Most blob requests the peer may have outstanding with this side (asked for, not yet answered)."""
 
-    blob_want_window: int = 256
+    blob_want_window: int = 1024
     """Most of this side's own blob requests kept outstanding at once; the rest wait in a queue. Must not be
-    above what the peer accepts (its ``max_blob_wants``)."""
+    above what the peer accepts (its ``max_blob_wants``). A deep window keeps small bodies streaming while the
+    receiver is busy writing the last ones (1024 rather than 256: a second desktop's 100k-message mirror took
+    about 50-60 s instead of 62, on a shared machine); ``blob_want_bytes`` bounds what that asks the peer to
+    send at once."""
+
+    blob_want_bytes: int = 16 * 1024 * 1024
+    """Most bytes of this side's own blob requests outstanding at once, each blob counted at the size it was
+    wanted with (``SyncConnection.want_blobs``), so a window of large bodies stays well inside the peer's
+    send buffer (a transport's ``max_pending_send_bytes``, 64 MiB by default). One blob larger than this is
+    still asked for, alone."""
 
     max_pending_blob_bytes: int = 128 * 1024 * 1024
     """Most bytes of blobs being reassembled at once, reserved at each blob's first chunk; also the largest
@@ -166,7 +175,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name in (
             "max_frame_bytes", "max_name_bytes", "max_mailboxes", "max_documents", "max_state_vector_clients",
-            "max_blob_wants", "blob_want_window", "max_pending_blob_bytes", "blob_chunk_bytes",
+            "max_blob_wants", "blob_want_window", "blob_want_bytes", "max_pending_blob_bytes", "blob_chunk_bytes",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

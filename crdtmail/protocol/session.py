@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from crdtmail.digest import sha256_hex
 from crdtmail.errors import (
     BlobIntegrityError,
     BlobMismatchError,
@@ -82,6 +83,7 @@ from crdtmail.protocol.frames import (
 
 __all__ = [
     "RELAY_MEMORY",
+    "UNKNOWN_BLOB_BYTES",
     "BlobMissing",
     "BlobReceived",
     "BlobsWanted",
@@ -353,9 +355,11 @@ class SyncConnection:
         self._close_code: int | None = None
         self._close_reason = ""
         # Blobs this side asked for: sent on the wire and waiting for an answer, and queued behind the window.
-        self._wants_sent: set[str] = set()
+        # Each with the bytes it counts for in the window (see ``want_blobs``).
+        self._wants_sent: dict[str, int] = {}
+        self._wants_sent_bytes = 0
         self._want_queue: deque[str] = deque()
-        self._queued_wants: set[str] = set()  # the queue's members, so a membership test is not a scan
+        self._queued_wants: dict[str, int] = {}  # the queue's members, so a membership test is not a scan
         self._assembling: dict[str, _Assembly] = {}
         self._assembling_bytes = 0
         # Blobs the peer asked for and this side has not answered yet (a dict keeps their order).
@@ -408,7 +412,7 @@ class SyncConnection:
     @property
     def wanted_blobs(self) -> frozenset[str]:
         """Blobs this side asked for and has not received an answer for (sent or still queued)."""
-        return frozenset(self._wants_sent) | frozenset(self._want_queue)
+        return frozenset(self._wants_sent) | frozenset(self._queued_wants)
 
     def is_wanted(self, sha256: str) -> bool:
         """Whether this side asked for the blob (sent or still queued) and has no answer yet."""
@@ -525,14 +529,21 @@ class SyncConnection:
 
     # ----------------------------------------------------------------------------------------------- blobs
 
-    def want_blobs(self, hashes: Iterable[str]) -> None:
-        """Ask the peer for blobs by SHA-256 hex; at most ``limits.blob_want_window`` are outstanding at once,
-        the rest are asked for as answers come in. Blobs already wanted are not asked for twice."""
+    def want_blobs(self, hashes: Iterable[str], *, sizes: Mapping[str, int] | None = None) -> None:
+        """Ask the peer for blobs by SHA-256 hex; the rest are asked for as answers come in. Blobs already wanted
+        are not asked for twice.
+
+        Outstanding at once: at most ``limits.blob_want_window`` blobs and ``limits.blob_want_bytes`` bytes (and
+        always at least one), each blob counted at its expected size from ``sizes`` (keyed as given; a hint for
+        pacing only, nothing is checked against it) or at ``UNKNOWN_BLOB_BYTES`` without one. So many small
+        bodies stream with a deep pipeline while large ones cannot pile up in the peer's send buffer.
+        """
         self._require_open("ask for blobs")
         for value in hashes:
             sha256 = normalise_sha256(value)
             if sha256 not in self._wants_sent and sha256 not in self._queued_wants:
-                self._queued_wants.add(sha256)
+                size = sizes.get(value) if sizes is not None else None
+                self._queued_wants[sha256] = UNKNOWN_BLOB_BYTES if size is None else max(0, int(size))
                 self._want_queue.append(sha256)
         self._flush_wants()
 
@@ -544,7 +555,7 @@ class SyncConnection:
         ``sha256``: a damaged local blob is never sent.
         """
         sha256 = self._owed_blob(sha256)
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if sha256_hex(data) != sha256:
             raise BlobIntegrityError(f"blob {sha256} does not hash to its name; it was not sent")
         if len(data) > self.limits.max_pending_blob_bytes:
             self.send_blob_missing(sha256)
@@ -576,20 +587,35 @@ class SyncConnection:
 
     def _flush_wants(self, *, refill: bool = False) -> None:
         room = self.limits.blob_want_window - len(self._wants_sent)
-        if refill and room < min(len(self._want_queue), max(1, self.limits.blob_want_window // 4)):
+        byte_room = self.limits.blob_want_bytes - self._wants_sent_bytes
+        fits = fit_bytes = 0  # how many of the queue's head fit in both rooms, and their bytes
+        for sha256 in self._want_queue:
+            size = self._queued_wants[sha256]
+            # A blob larger than the whole byte window still goes, alone, once nothing else is outstanding.
+            if fits >= room or (size > byte_room - fit_bytes and (fits or self._wants_sent)):
+                break
+            fits += 1
+            fit_bytes += size
+        if (refill and fits < min(len(self._want_queue), max(1, self.limits.blob_want_window // 4))
+                and fit_bytes < self.limits.blob_want_bytes // 4):
             # Refill in batches, not a frame per blob answered: each frame costs a send (and a client's mask).
             return
         batch: list[str] = []
-        while self._want_queue and len(batch) < room:
+        for _ in range(fits):
             sha256 = self._want_queue.popleft()
-            self._queued_wants.discard(sha256)
+            size = self._queued_wants.pop(sha256)
+            self._wants_sent[sha256] = size
+            self._wants_sent_bytes += size
             batch.append(sha256)
         if batch:
             self._send_data(BlobWantFrame(tuple(batch)), None)
-            self._wants_sent.update(batch)
+
+    def _answered(self, sha256: str) -> None:
+        self._wants_sent_bytes -= self._wants_sent.pop(sha256)
 
     def _drop_blob_state(self) -> None:
         self._wants_sent.clear()
+        self._wants_sent_bytes = 0
         self._want_queue.clear()
         self._queued_wants.clear()
         self._assembling.clear()
@@ -735,7 +761,7 @@ class SyncConnection:
         elif isinstance(frame, BlobMissingFrame):
             if frame.sha256 not in self._wants_sent:
                 raise ProtocolStateError(f"BLOB_MISSING for blob {frame.sha256}, which was not asked for")
-            self._wants_sent.discard(frame.sha256)
+            self._answered(frame.sha256)
             assembly = self._assembling.pop(frame.sha256, None)
             if assembly is not None:
                 self._assembling_bytes -= assembly.total
@@ -780,9 +806,9 @@ class SyncConnection:
             return
         del self._assembling[sha256]
         self._assembling_bytes -= assembly.total
-        self._wants_sent.discard(sha256)
+        self._answered(sha256)
         data = bytes(assembly.data)
-        actual = hashlib.sha256(data).hexdigest()
+        actual = sha256_hex(data)  # keeps the GIL: see crdtmail.digest
         if actual != sha256:
             raise BlobMismatchError(f"blob {sha256} arrived with bytes that hash to {actual}; it was discarded")
         self._emit(BlobReceived(sha256, data))
@@ -835,6 +861,9 @@ class ChangeLike(Protocol):
         """(document, update) pairs as committed."""
         ...
 
+
+UNKNOWN_BLOB_BYTES = 64 * 1024
+"""What a wanted blob counts for in ``Limits.blob_want_bytes`` when ``want_blobs`` was given no size for it."""
 
 RELAY_MEMORY = 4096
 """How many update digests each ``MailboxSync`` remembers to keep relayed updates from looping."""

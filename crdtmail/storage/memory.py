@@ -111,3 +111,7 @@ class MemoryBackend:
     def has_blob(self, sha256: str) -> bool:
         """Whether the blob is held."""
         return sha256 in self._blobs
+
+    def stored_blobs(self, hashes: Sequence[str]) -> set[str]:
+        """Which of the blobs are held."""
+        return {sha256 for sha256 in hashes if sha256 in self._blobs}

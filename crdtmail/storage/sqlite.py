@@ -595,6 +595,18 @@ class SqliteMailboxBackend:
         self._settle()
         return bool(self._store._query("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)))
 
+    def stored_blobs(self, hashes: Sequence[str]) -> set[str]:
+        """Which of the blobs are stored, looked up by primary key in chunks (a statement per 500, not per blob:
+        each statement lets go of the GIL, and taking it back can wait a switch interval)."""
+        self._settle()
+        found: set[str] = set()
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(row[0] for row in self._store._query(f"SELECT sha256 FROM blobs WHERE sha256 IN ({marks})",
+                                                              tuple(chunk)))
+        return found
+
 
 def _verify_blobs(batch: CommitBatch) -> None:
     for sha256, data in batch.blobs.items():
@@ -636,7 +648,7 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
                 if not patched:
                     upsert[message_id] = r
         if upsert:
-            _insert_many(
+            insert_many(
                 connection,
                 "INSERT OR REPLACE INTO rows (mailbox, message_id, shard, folder_id, date, seen, flags,"
                 " sender, subject, size) VALUES ",
@@ -654,7 +666,7 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
                 [(mailbox, shard, vector) for shard, vector in batch.indexed_shards.items()],
             )
         if batch.blobs:
-            _insert_many(
+            insert_many(
                 connection,
                 "INSERT OR IGNORE INTO blobs (sha256, size, data) VALUES ",
                 [(sha256, len(data), data) for sha256, data in batch.blobs.items()],
@@ -662,8 +674,9 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
     return snapshots
 
 
-def _insert_many(connection: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert many rows with a few multi-row statements rather than one statement per row.
+def insert_many(connection: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert many rows with a few multi-row statements rather than one statement per row (``head`` ends with
+    ``VALUES ``; the bridge's state uses it too).
 
     Each statement step releases and re-takes the GIL; a writer thread doing that per row waits a switch
     interval behind the importing thread every time, which made pipelined imports several times slower.
@@ -709,7 +722,7 @@ def _append_updates(connection: sqlite3.Connection, mailbox: str, batch: CommitB
         )
     rows = [(mailbox, u.doc_name, u.update) for u in batch.updates if u.doc_name not in snapshots]
     if rows:
-        _insert_many(connection, "INSERT INTO updates (mailbox, name, data) VALUES ", rows)
+        insert_many(connection, "INSERT INTO updates (mailbox, name, data) VALUES ", rows)
     for name, (added_bytes, added_count, state_vector) in touched.items():
         if name in snapshots:
             continue

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from crdtmail.bridges.layout import split_name
+from crdtmail.bridges.layout import MaildirFile, split_name
 from crdtmail.bridges.maildir import EXPUNGED_AREA, MaildirBridge
+from crdtmail.bridges.state import BridgeState, FileRecord
 from crdtmail.model.flags import FLAGGED, SEEN
-from crdtmail.model.mailbox import Mailbox
+from crdtmail.model.mailbox import INBOX, Mailbox
 from crdtmail.model.message import parse_message
 from crdtmail.replica import Replica
 from tests.conftest import make_raw
@@ -240,6 +241,34 @@ def test_message_new_to_the_desktop_is_delivered_and_its_blob_dropped(desk: Desk
     assert list((desk.root / "tmp").iterdir()) == []
 
 
+def test_bodies_in_the_blob_store_are_found_with_one_look_up_per_group(tmp_path: Path) -> None:
+    desk = Desk(tmp_path / "a")
+    blobs = desk.replica.store.backend("")
+    asked: list[list[str]] = []
+
+    def stored(hashes: list[str]) -> set[str]:
+        asked.append(list(hashes))
+        return blobs.stored_blobs(hashes)
+
+    desk.bridge = MaildirBridge(desk.box, desk.root, desk.replica.store, blob=blobs.get_blob,
+                                drop_blobs=desk.replica.store.delete_blobs, stored_blobs=stored)
+    raws = [make_raw(f"held {n}") for n in range(3)]
+    held = [desk.box.add(raw).message_id for raw in raws]
+    nowhere = make_raw("its body is nowhere yet")
+    missing = desk.box.add(nowhere, keep_body=False).message_id
+    desk.quick()
+    assert len(asked) == 1 and len(asked[0]) == 4  # one look-up for the whole group, not one per message
+    for message_id, raw in zip(held, raws, strict=True):
+        assert desk.file_of(message_id).read_bytes() == raw
+    assert desk.bridge.state.primary(missing) is None
+    sha256 = hashlib.sha256(nowhere).hexdigest()
+    assert desk.bridge.waiting_bodies == {sha256: missing}
+    # The body arrives from a peer: the waiting message is delivered, its hash not read from the shard again.
+    assert desk.bridge.take_body(sha256, nowhere)
+    desk.quick()
+    assert desk.file_of(missing).read_bytes() == nowhere and desk.bridge.waiting_bodies == {}
+
+
 def test_replica_expunge_moves_the_file_to_the_expunged_area(desk: Desk) -> None:
     raw = make_raw("bye")
     desk.deliver(raw, sub="cur", name="9.j:2,S")
@@ -427,3 +456,20 @@ def test_many_new_files_are_parsed_by_the_worker_process(desk: Desk, monkeypatch
     subjects = {row.subject: row.flags for row in desk.box.index_rows()}
     assert subjects == {**{f"bulk {n}": (SEEN,) for n in range(5)}, "odd name": (FLAGGED,)}
     assert desk.box.body(next(iter(desk.box.index_rows())).message_id) is None  # bodies stay in the files
+
+
+def test_journal_and_state_rows_written_in_bulk_keep_their_order_and_close_together(desk: Desk) -> None:
+    state = desk.bridge.state
+    entries = [{"op": "deliver", "from": f"tmp/{n}", "to": f"new/{n}", "sha256": f"{n:064x}"} for n in range(950)]
+    ids = state.journal_many(entries)  # more than one multi-row statement
+    assert len(set(ids)) == 950 and ids == sorted(ids)
+    assert [entry for _, entry in state.open_journal()] == entries
+    assert [entry_id for entry_id, _ in state.open_journal()] == ids
+    records = [FileRecord(f"u{n}", f"m{n}", INBOX, MaildirFile("", "new", f"u{n}"), "", f"{n:064x}")
+               for n in range(950)]
+    state.save(put=records, done_journal=ids[:900])
+    assert [entry_id for entry_id, _ in state.open_journal()] == ids[900:]
+    reloaded = BridgeState(desk.replica.store, "default")
+    assert reloaded.records == {r.uid: r for r in records}
+    state.save(done_journal=ids[900:])
+    assert state.open_journal() == []

@@ -95,6 +95,15 @@ def test_move_delete_and_flags(mailbox: Mailbox) -> None:
     assert [r.message_id for r in mailbox.list_folder("Trash")] == [mid]
 
 
+def test_envelopes_in_bulk_skip_expunged_and_unknown_ids(mailbox: Mailbox) -> None:
+    ids = [mailbox.add(make_raw(f"bulk {n}")).message_id for n in range(5)]
+    mailbox.expunge(ids[0])
+    envelopes = mailbox.envelopes([*ids, "no-such-id"])
+    assert set(envelopes) == set(ids[1:])
+    assert all(envelopes[mid] == mailbox.message(mid).envelope for mid in ids[1:])
+    assert sorted(e.body_sha256 for e in mailbox.all_envelopes()) == sorted(e.body_sha256 for e in envelopes.values())
+
+
 def test_invalid_flags_are_refused(mailbox: Mailbox) -> None:
     mid = mailbox.add(make_raw()).message_id
     for bad in ["\\Bogus", "has space", "a/b", "", "x" * 65, "quo\"te"]:

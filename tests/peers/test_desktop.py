@@ -20,6 +20,7 @@ from crdtmail.config import RemotePeer
 from crdtmail.model.message import parse_message
 from crdtmail.replica import Replica
 from crdtmail.sample import generate_messages, write_maildir
+from peers import inotify
 from peers.desktop import DesktopPeer
 from tests.conftest import make_raw
 
@@ -120,10 +121,10 @@ async def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     return condition()
 
 
-async def start_desktop(base: Path, stop: asyncio.Event, remotes: list[RemotePeer]) -> tuple[DesktopPeer, Replica,
-                                                                                               asyncio.Task[None]]:
+async def start_desktop(base: Path, stop: asyncio.Event, remotes: list[RemotePeer], *, watcher: str = "auto",
+                        ) -> tuple[DesktopPeer, Replica, asyncio.Task[None]]:
     replica = Replica.init(base / "data")
-    desktop = DesktopPeer(replica, {"default": base / "Maildir"}, rescan_seconds=300.0)
+    desktop = DesktopPeer(replica, {"default": base / "Maildir"}, rescan_seconds=300.0, watcher=watcher)
     ready = asyncio.Event()
     task = asyncio.create_task(desktop.run(stop, host="127.0.0.1", port=0, remotes=remotes, ready=ready))
     await asyncio.wait_for(ready.wait(), 30)
@@ -165,7 +166,8 @@ def test_two_desktops_converge_after_random_changes_on_both_maildirs(tmp_path: P
     asyncio.run(scenario())
 
 
-def test_mail_client_process_changes_the_maildir_while_it_syncs_with_a_phone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("watcher", ["auto", "watchdog"])  # inotify on Linux; watchdog where there is none
+def test_mail_client_process_changes_the_maildir_while_it_syncs_with_a_phone(tmp_path: Path, watcher: str) -> None:
     """A separate process acts as the mail client; the phone is a plain replica peer over a socket."""
     root = tmp_path / "desk" / "Maildir"
     write_maildir(root, generate_messages(40, seed=5))
@@ -185,7 +187,8 @@ def test_mail_client_process_changes_the_maildir_while_it_syncs_with_a_phone(tmp
         from crdtmail.peer import Peer
 
         stop = asyncio.Event()
-        desk, replica, task = await start_desktop(tmp_path / "desk", stop, [])
+        desk, replica, task = await start_desktop(tmp_path / "desk", stop, [], watcher=watcher)
+        assert desk.watcher == (watcher if watcher != "auto" or not inotify.available() else "inotify")
         token = desk.peer.registry.pair("phone", ["default"])
         phone_replica = Replica.init(tmp_path / "phone")
         phone = Peer(phone_replica)

@@ -19,6 +19,7 @@ from crdtmail.errors import (
 from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
 from crdtmail.protocol.encoding import encode_state_vector
 from crdtmail.protocol.frames import (
+    DEFAULT_LIMITS,
     EMPTY_UPDATE,
     BlobChunkFrame,
     BlobMissingFrame,
@@ -39,6 +40,7 @@ from crdtmail.protocol.frames import (
     encode_frame,
 )
 from crdtmail.protocol.session import (
+    UNKNOWN_BLOB_BYTES,
     BlobMissing,
     BlobReceived,
     BlobsWanted,
@@ -722,6 +724,59 @@ def test_corrupt_chunked_blob_is_rejected_after_the_last_chunk() -> None:
     assert pair.client.events_received() == []
     pair.client.receive_data(raw(BlobChunkFrame(sha(good), 1000, 1500, bad[1000:])))
     assert_violation(pair.client, CloseCode.BLOB_MISMATCH)
+
+
+def test_a_corrupt_body_of_several_kilobytes_is_still_rejected() -> None:
+    # Bodies of 2 KB and more are hashed in pieces that keep the GIL (crdtmail.digest): one flipped byte anywhere,
+    # the last piece included, is still caught.
+    limits = Limits()
+    good = bytes(range(256)) * 40  # 10,240 bytes: several 2,047-byte pieces and a short last one
+    for position in (0, 2047, len(good) - 1):
+        bad = bytearray(good)
+        bad[position] ^= 1
+        pair = open_pair(client_limits=limits)
+        pair.client.want_blobs([sha(good)])
+        pair.client.receive_data(raw(BlobChunkFrame(sha(good), 0, len(good), bytes(bad))))
+        assert_violation(pair.client, CloseCode.BLOB_MISMATCH, sha(good))
+    pair = open_pair(client_limits=limits)
+    pair.client.want_blobs([sha(good)])
+    pair.client.receive_data(raw(BlobChunkFrame(sha(good), 0, len(good), good)))
+    assert pair.client.events_received() == [BlobReceived(sha(good), good)]
+
+
+def test_want_window_counts_bytes_as_well_as_blobs() -> None:
+    limits = Limits(max_blob_wants=100, blob_want_window=100, blob_want_bytes=1000)
+    sizes = {sha(bytes([n])): 100 for n in range(30)}
+    pair = open_pair(client_limits=limits)
+    pair.client.want_blobs(list(sizes), sizes=sizes)
+    first = decode_frame(pair.client.data_to_send()[0])
+    assert isinstance(first, BlobWantFrame) and len(first.hashes) == 10  # 10 x 100 bytes fill the 1,000
+    # Without a size a blob counts as UNKNOWN_BLOB_BYTES: the old window of 256 with the default limits.
+    pair = open_pair()
+    pair.client.want_blobs([sha(str(n).encode()) for n in range(300)])
+    first = decode_frame(pair.client.data_to_send()[0])
+    assert isinstance(first, BlobWantFrame)
+    assert len(first.hashes) == DEFAULT_LIMITS.blob_want_bytes // UNKNOWN_BLOB_BYTES == 256
+    # Small bodies with their sizes: the whole count window.
+    small = {sha(str(n).encode()): 4000 for n in range(2000)}
+    pair = open_pair()
+    pair.client.want_blobs(list(small), sizes=small)
+    first = decode_frame(pair.client.data_to_send()[0])
+    assert isinstance(first, BlobWantFrame) and len(first.hashes) == DEFAULT_LIMITS.blob_want_window
+
+
+def test_a_blob_larger_than_the_byte_window_is_asked_for_alone() -> None:
+    limits = Limits(max_frame_bytes=4096, blob_chunk_bytes=1000, max_pending_blob_bytes=20_000, blob_want_bytes=1000)
+    big, small = b"B" * 3000, b"s" * 10
+    blobs = {sha(big): big, sha(small): small}
+    pair, client, _ = blob_pair(blobs, limits)
+    pair.client.want_blobs([sha(big), sha(small)], sizes={sha(big): len(big), sha(small): len(small)})
+    first = decode_frame(pair.client.data_to_send()[0])
+    assert isinstance(first, BlobWantFrame) and first.hashes == (sha(big),)
+    pair.server.receive_data(raw(first))
+    pair.pump()
+    assert client.received_blobs == blobs
+    assert pair.client.wanted_blobs == frozenset()
 
 
 def test_unsolicited_blob_frames_are_rejected() -> None:

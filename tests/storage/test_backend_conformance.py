@@ -103,6 +103,15 @@ def test_blobs_are_verified_and_a_bad_batch_commits_nothing(backend: MailboxBack
     assert not backend.has_blob("f" * 64)
 
 
+def test_stored_blobs_answers_for_many_hashes_at_once(backend: MailboxBackend) -> None:
+    stored = dict(blob(f"From: a\r\n\r\nbody {i}".encode()) for i in range(700))  # more than one chunk
+    backend.commit(CommitBatch(blobs=stored))
+    absent = [f"{i:064x}" for i in range(300)]
+    asked = [*absent[:150], *stored, *absent[150:]]
+    assert backend.stored_blobs(asked) == set(stored)
+    assert backend.stored_blobs([]) == set() and backend.stored_blobs(absent) == set()
+
+
 def test_an_empty_batch_writes_nothing(backend: MailboxBackend) -> None:
     backend.commit(CommitBatch())
     assert backend.document_names() == [] and list(backend.all_rows()) == []
