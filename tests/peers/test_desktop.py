@@ -121,7 +121,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     return condition()
 
 
-async def start_desktop(base: Path, stop: asyncio.Event, remotes: list[RemotePeer], *, watcher: str = "auto",
+async def start_desktop(base: Path, stop: asyncio.Event, remotes: list[RemotePeer], *, watcher: str = "watchdog",
                         ) -> tuple[DesktopPeer, Replica, asyncio.Task[None]]:
     replica = Replica.init(base / "data")
     desktop = DesktopPeer(replica, {"default": base / "Maildir"}, rescan_seconds=300.0, watcher=watcher)
@@ -166,7 +166,7 @@ def test_two_desktops_converge_after_random_changes_on_both_maildirs(tmp_path: P
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("watcher", ["auto", "watchdog"])  # inotify on Linux; watchdog where there is none
+@pytest.mark.parametrize("watcher", ["inotify", "watchdog"])  # inotify falls back to watchdog where there is none
 def test_mail_client_process_changes_the_maildir_while_it_syncs_with_a_phone(tmp_path: Path, watcher: str) -> None:
     """A separate process acts as the mail client; the phone is a plain replica peer over a socket."""
     root = tmp_path / "desk" / "Maildir"
@@ -188,7 +188,7 @@ def test_mail_client_process_changes_the_maildir_while_it_syncs_with_a_phone(tmp
 
         stop = asyncio.Event()
         desk, replica, task = await start_desktop(tmp_path / "desk", stop, [], watcher=watcher)
-        assert desk.watcher == (watcher if watcher != "auto" or not inotify.available() else "inotify")
+        assert desk.watcher == (watcher if inotify.available() else "watchdog")
         token = desk.peer.registry.pair("phone", ["default"])
         phone_replica = Replica.init(tmp_path / "phone")
         phone = Peer(phone_replica)
