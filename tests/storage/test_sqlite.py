@@ -18,6 +18,7 @@ from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
 from crdtmail.model.backend import CommitBatch, IndexRow
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.storage import sqlite as sqlite_module
+from crdtmail.storage.memory import MemoryBackend
 from crdtmail.storage.sqlite import SqliteStore
 
 
@@ -360,7 +361,7 @@ def test_a_snapshot_a_schema_1_process_folds_after_the_upgrade_is_kept(tmp_path:
         shard = box.rows([first])[first].shard
     # A schema-1 process that read no snapshot (it looks in documents) adds a message and folds: its snapshot
     # lands in the old column and lacks the first message.
-    other = Mailbox("m", __import__("crdtmail.storage.memory", fromlist=["MemoryBackend"]).MemoryBackend())
+    other = Mailbox("m", MemoryBackend())
     second = other.add(_mail(2)).message_id
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("UPDATE documents SET snapshot = ? WHERE mailbox = 'm' AND name = ?",
