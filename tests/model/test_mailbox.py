@@ -512,3 +512,26 @@ def test_rows_after_a_big_remote_change_match_a_recomputation(backend: MailboxBa
     assert replica.rows([ids[5]])[ids[5]].flags == ("$K2", "\\Seen")
     assert replica.rows([ids[120]])[ids[120]].folder_id == replica.folder("Archive").id
     assert (ids[7] in changes[-1].expunged) is with_expunge
+
+
+def test_a_dropped_shard_is_freed_with_its_observers(backend: MailboxBackend) -> None:
+    import gc
+    import weakref
+
+    source = Mailbox("m", MemoryBackend())
+    mid = source.add(make_raw("freed", date="06 Nov 2026 10:00:00 +0000")).message_id
+    shard = source.rows([mid])[mid].shard
+    replica = Mailbox("m", backend)
+    replica.apply_update("index", source.encode_document("index"), origin="peer")
+    replica.apply_update(shard, source.encode_document(shard), origin="peer")
+    # A shard that arrived whole is committed and dropped; reading it loads it again.
+    assert replica.loaded_shards() == [] and replica.message(mid)
+    source.set_flags(mid, add=["\\Seen"])
+    replica.apply_update(shard, source.encode_document(shard, replica.document_state_vector(shard)), origin="peer")
+    assert replica.message(mid).flags == {"\\Seen"} and replica.loaded_shards() == [shard]
+    # Now observed (a remote change arrived): pycrdt would keep the document alive through its observers.
+    document = weakref.ref(replica._shards[shard].doc)
+    replica.unload(shard)
+    gc.collect()
+    assert document() is None
+    assert replica.message(mid).flags == {"\\Seen"}
