@@ -1119,13 +1119,20 @@ class Mailbox:
                 )
 
     def all_envelopes(self) -> Iterator[Envelope]:
-        """The envelope of every visible message of every stored shard (loads them all; no folders or flags)."""
+        """The envelope of every visible message of every stored shard (no folders or flags).
+
+        Each shard is read in one conversion; one loaded only for this is dropped again, so that a peer looking
+        for the bodies it lacks does not end up holding every shard in memory.
+        """
         for name in self.document_names():
             if not is_shard_name(name):
                 continue
+            was_loaded = name in self._shards
             shard = self._load_shard(name)
-            expunged = set(shard.expunged.keys())
-            for message_id, value in shard.messages.items():
+            messages, expunged = _map_dict(shard.messages), _map_dict(shard.expunged)
+            if not was_loaded:
+                self._drop_if_idle(name)
+            for message_id, value in messages.items():
                 if message_id not in expunged:
                     yield Envelope.from_crdt(value)
 

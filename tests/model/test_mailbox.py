@@ -102,6 +102,9 @@ def test_envelopes_in_bulk_skip_expunged_and_unknown_ids(mailbox: Mailbox) -> No
     assert set(envelopes) == set(ids[1:])
     assert all(envelopes[mid] == mailbox.message(mid).envelope for mid in ids[1:])
     assert sorted(e.body_sha256 for e in mailbox.all_envelopes()) == sorted(e.body_sha256 for e in envelopes.values())
+    # Read from a restarted replica, every shard is loaded only while it is read.
+    again = Mailbox("test", mailbox._backend)
+    assert len(list(again.all_envelopes())) == 4 and again.loaded_shards() == []
 
 
 def test_invalid_flags_are_refused(mailbox: Mailbox) -> None:
