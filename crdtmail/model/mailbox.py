@@ -220,10 +220,14 @@ def _map_dict(root: Map[Any]) -> dict[str, Any]:
 
 
 def _flags_by_message(shard: _Shard) -> dict[str, set[str]]:
+    """Each message's set flags, from one read of the flags map; the shard's flag caches learn every key on the
+    way (cleared flags too: ``flag_keys_of`` must find every key, and a shard that arrived whole has no others)."""
     result: dict[str, set[str]] = {}
     for key, value in _map_dict(shard.flags).items():  # one conversion, not a transaction per key
+        message_id, _, flag = key.partition(_FLAG_SEPARATOR)
+        shard.flag_names.add(flag)
+        shard.flagged_ids.add(message_id)
         if value is True:
-            message_id, _, flag = key.partition(_FLAG_SEPARATOR)
             result.setdefault(message_id, set()).add(flag)
     return result
 
@@ -289,19 +293,20 @@ class Mailbox:
 
         self._subscriptions.setdefault(doc_name, []).append((doc, doc.observe(on_transaction)))
 
-    def _load_shard(self, name: str) -> _Shard:
+    def _load_shard(self, name: str, parts: list[bytes] | None = None) -> _Shard:
+        """The shard in memory, loading it from the backend (or from ``parts``, its stored updates, if read)."""
         shard = self._shards.get(name)
         if shard is not None:
             return shard
         if not is_shard_name(name):
             raise ModelError(f"{name!r} is not a shard name (expected YYYY-MM or 'undated')")
-        doc = self._rebuild(name)
+        doc = self._rebuild(name, parts)
         shard = _Shard(name, doc)
         self._watch(name, doc)
         self._shards[name] = shard
         return shard
 
-    def _rebuild(self, doc_name: str) -> Doc[Any]:
+    def _rebuild(self, doc_name: str, parts: list[bytes] | None = None) -> Doc[Any]:
         """A document rebuilt from the backend: its stored updates applied in commit order.
 
         Every writer logs an update after everything it depends on (its document held those before it made
@@ -310,7 +315,7 @@ class Mailbox:
         first, as loads once did, costs several times more.
         """
         doc: Doc[Any] = Doc()
-        for part in self._backend.load_document_parts(doc_name):
+        for part in self._backend.load_document_parts(doc_name) if parts is None else parts:
             doc.apply_update(part)
         return doc
 
@@ -532,18 +537,12 @@ class Mailbox:
     def _read_shard(self, shard: _Shard) -> tuple[dict[str, IndexRow], set[str]]:
         """Every visible message's row, and every message id the shard holds (expunged ones too).
 
-        Each map is read once; the shard's flag-name caches learn every flag on the way.
+        Each map is read once.
         """
         messages = _map_dict(shard.messages)
         placement = _map_dict(shard.placement)
         expunged = _map_dict(shard.expunged)
-        flags: dict[str, set[str]] = {}
-        for key, value in _map_dict(shard.flags).items():
-            message_id, _, flag = key.partition(_FLAG_SEPARATOR)
-            shard.flag_names.add(flag)  # cleared flags too: flag_keys_of must find every key
-            shard.flagged_ids.add(message_id)
-            if value is True:
-                flags.setdefault(message_id, set()).add(flag)
+        flags = _flags_by_message(shard)
         rows: dict[str, IndexRow] = {}
         for message_id, value in messages.items():
             if message_id in expunged:
@@ -985,6 +984,7 @@ class Mailbox:
                 return whole if state_vector in (None, _EMPTY_STATE_VECTOR) else get_update(whole, state_vector)
             # A snapshot and its log: rebuilding the document update by update beats merging them (and a
             # resync that asks for a diff usually brings changes to apply to it next).
+            return self._load_shard(doc_name, parts).doc.get_update(state_vector)
         return self._load_shard(doc_name).doc.get_update(state_vector)
 
     def apply_update(self, doc_name: str, update: bytes, origin: Any, *, check_causality: bool = True) -> bool:
@@ -1033,7 +1033,7 @@ class Mailbox:
         self._remote_changed = False
         # A shard arriving whole (an initial sync) would raise an event per key, and pycrdt builds each event
         # from the whole map: its maps are observed only after it arrived, and read once instead.
-        self._bulk_document = doc_name if doc_name != INDEX_DOC and doc.get_state() == b"\x00" else None
+        self._bulk_document = doc_name if doc_name != INDEX_DOC and doc.get_state() == _EMPTY_STATE_VECTOR else None
         if self._bulk_document is None:
             self._watch_roots(doc_name)
         try:

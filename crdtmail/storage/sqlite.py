@@ -192,7 +192,10 @@ class SqliteStore:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             connection.execute(statement)
-                    _move_snapshots(connection)
+                    if version < SCHEMA_VERSION:
+                        _move_snapshots(connection)
+                    elif connection.execute("SELECT 1 FROM documents WHERE snapshot IS NOT NULL LIMIT 1").fetchone():
+                        _move_snapshots(connection)  # what a schema-1 process still running folded since
         except sqlite3.Error as exc:
             connection.close()
             raise _storage_error("open", path, exc) from exc
