@@ -159,6 +159,11 @@ def _toggle_until_folded(box: Mailbox, message_id: str, times: int, monkeypatch:
     return len(merges)
 
 
+def _placements(box: Mailbox) -> dict[str, tuple[str, frozenset[str]]]:
+    """What a mailbox holds: each message's folder and flags."""
+    return {m.id: (m.folder_id, frozenset(m.flags)) for m in box.all_messages()}
+
+
 def _mail(n: int) -> bytes:
     return (f"Message-ID: <fold-{n}@example.org>\r\nDate: Sat, 28 Nov 2026 10:00:00 +0000\r\n"
             f"From: a@example.org\r\nSubject: fold {n}\r\n\r\nbody {n}\r\n").encode()
@@ -174,7 +179,7 @@ def test_a_fold_from_the_live_document_keeps_everything_and_drops_history(
         ids = [box.add(_mail(n)).message_id for n in range(5)]
         assert _toggle_until_folded(box, ids[0], 101, monkeypatch) == 0
         shard = box.rows([ids[0]])[ids[0]].shard
-        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        expected = _placements(box)
         snapshot_bytes, log_count = store._query(
             "SELECT snapshot_bytes, log_count FROM documents WHERE mailbox = 'm' AND name = ?", (shard,))[0]
         assert snapshot_bytes > 0 and log_count < 101  # it folded
@@ -185,7 +190,7 @@ def test_a_fold_from_the_live_document_keeps_everything_and_drops_history(
         assert pycrdt.get_state(merged) == box.document_state_vector(shard)
     with SqliteStore.open(path) as store:
         again = Mailbox("m", store.backend("m"))
-        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+        assert _placements(again) == expected
 
 
 def test_a_fold_merges_the_log_when_another_writer_shared_the_document(
@@ -283,10 +288,10 @@ def test_a_document_arriving_whole_is_stored_once_as_its_snapshot(
         # Later changes are logged, and the fold still encodes the live document rather than merging the log.
         assert _toggle_until_folded(box, ids[0], 101, monkeypatch) == 0
         assert store._query("SELECT log_count FROM documents WHERE mailbox = 'm' AND name = ?", (shard,))[0][0] < 101
-        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        expected = _placements(box)
     with SqliteStore.open(path) as store:
         again = Mailbox("m", store.backend("m"))
-        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+        assert _placements(again) == expected
         assert len(expected) == 5 and "\\Seen" in again.message(ids[0]).flags
 
 
@@ -296,7 +301,7 @@ def test_fold_logs_leaves_one_snapshot_per_document_and_the_same_mailbox(tmp_pat
         box = Mailbox("m", store.backend("m"))
         ids = [box.add(_mail(n)).message_id for n in range(10)]
         box.set_flags(ids[3], add=["\\Flagged"])
-        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        expected = _placements(box)
         assert store._query("SELECT count(*) FROM updates")[0][0] > 0
         folded = store.backend("m").fold_logs()
         assert folded and store._query("SELECT count(*) FROM updates") == [(0,)]
@@ -304,7 +309,7 @@ def test_fold_logs_leaves_one_snapshot_per_document_and_the_same_mailbox(tmp_pat
         assert store.backend("m").fold_logs() == []
     with SqliteStore.open(path) as store:
         again = Mailbox("m", store.backend("m"))
-        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+        assert _placements(again) == expected
 
 
 def test_a_flag_change_does_not_rewrite_the_shards_snapshot(tmp_path: Path) -> None:
@@ -335,7 +340,7 @@ def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Pat
         ids = [box.add(_mail(n)).message_id for n in range(6)]
         store.backend("m").fold_logs()
         box.set_flags(ids[1], add=["\\Flagged"])  # a log row beside the snapshot
-        expected = {m.id: (m.folder_id, m.flags) for m in box.all_messages()}
+        expected = _placements(box)
         shard = box.rows([ids[0]])[ids[0]].shard
     # What schema 1 looked like: the snapshots inside the documents table.
     connection = sqlite3.connect(path, isolation_level=None)
@@ -349,7 +354,7 @@ def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Pat
         assert store._query("SELECT count(*) FROM documents WHERE snapshot IS NOT NULL") == [(0,)]
         assert store._query("SELECT count(*) FROM snapshots WHERE name = ?", (shard,)) == [(1,)]
         again = Mailbox("m", store.backend("m"))
-        assert {m.id: (m.folder_id, m.flags) for m in again.all_messages()} == expected
+        assert _placements(again) == expected
 
 
 def test_a_snapshot_a_schema_1_process_folds_after_the_upgrade_is_kept(tmp_path: Path) -> None:
