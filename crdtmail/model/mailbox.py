@@ -1011,7 +1011,7 @@ class Mailbox:
             return False
         arrived_whole = doc_name != INDEX_DOC and doc.get_state() == _EMPTY_STATE_VECTOR
         with self._operation():
-            self._integrate(doc_name, doc, update, origin)
+            self._integrate(doc_name, doc, update, origin, whole=arrived_whole)
             waiting = self._held.get(doc_name)
             while waiting:
                 state = decode_state_vector(doc.get_state())
@@ -1020,20 +1020,21 @@ class Mailbox:
                     break
                 for entry in ready:
                     waiting.remove(entry)
-                    self._integrate(doc_name, doc, entry[0], entry[1])
+                    self._integrate(doc_name, doc, entry[0], entry[1], whole=False)
         if arrived_whole and self._batch_depth == 0 and not self._held.get(doc_name):
             # A shard that arrived whole (an initial sync's history) is committed now; kept in memory, every shard
             # of the mailbox would be at once (385 MB for a 100k-message initial sync). It reloads when needed.
             self._forget(doc_name)
         return True
 
-    def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any) -> None:
+    def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any, *, whole: bool) -> None:
+        """Apply one remote update; ``whole``: the document was empty (a shard arriving whole)."""
         self._pending.origins.append(origin)
         self._remote_origin = origin
         self._remote_changed = False
         # A shard arriving whole (an initial sync) would raise an event per key, and pycrdt builds each event
         # from the whole map: its maps are observed only after it arrived, and read once instead.
-        self._bulk_document = doc_name if doc_name != INDEX_DOC and doc.get_state() == _EMPTY_STATE_VECTOR else None
+        self._bulk_document = doc_name if whole else None
         if self._bulk_document is None:
             self._watch_roots(doc_name)
         try:
