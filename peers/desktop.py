@@ -306,7 +306,7 @@ class DesktopPeer:
             except OSError as exc:
                 log.error("maildir %s: %s; retrying at the next change or rescan", name, exc)
                 lane.full_due = time.monotonic() + 1.0
-        bridge.finish_deliveries(wait=True)  # what is being written is recorded before the peer stops
+        bridge.close()  # what is being written is recorded before the peer stops
 
     def status(self) -> dict[str, Any]:
         """What ``crdtmail status`` and ``crdtmail peers`` show of this running peer."""
@@ -340,6 +340,8 @@ async def run_desktop(replica: Replica, maildirs: dict[str, Path], *, host: str 
         out.write(f"maildir {maildirs[name]} -> mailbox {name}: {report.files_seen} files, {report.summary()} "
                   f"({report.seconds:.2f}s)\n")
     if once:
+        for lane in desktop.lanes.values():
+            lane.bridge.close()
         return 0
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,7 +13,9 @@ What maps to what:
   replica only, and other tools' letters stay in the name);
 - a file removed by another program is an expunge; a message expunged in the replica has its file moved into the
   ``crdtmail-expunged/<date>/`` area of the Maildir (kept ``retention_days``), never unlinked;
-- a message new to the replica is delivered the Maildir way: written to ``tmp/``, fsynced, renamed into place.
+- a message new to the replica is delivered the Maildir way: written to ``tmp/``, fsynced, renamed into place
+  (a large group of deliveries, a first mirror, goes to a worker process that makes it durable with one
+  ``syncfs`` before the renames).
 
 Bodies stay in the Maildir: a message read from a file is added without copying its body into the blob store, and
 the bridge serves bodies from the files, verified against their hash. A body that arrives from a peer for a message
@@ -53,6 +55,7 @@ from crdtmail.bridges.layout import (
 )
 from crdtmail.bridges.parse_worker import read_and_parse
 from crdtmail.bridges.state import BridgeState, FileRecord, journal_path, path_from_journal
+from crdtmail.bridges.write_worker import WriteWorker, fsync_directory, write_file
 from crdtmail.digest import sha256_hex
 from crdtmail.errors import CrdtmailError, ExpungedMessageError, ModelError
 from crdtmail.importer import read_message_file, show_path
@@ -72,6 +75,10 @@ _WORKER_THRESHOLD = 2000  # new files from which reading and parsing move to a w
 _WORKER_CHUNK = 256
 _MAX_ARRIVED_BYTES = 64 * 1024 * 1024  # bodies held in memory between arrival and delivery
 _WRITE_STREAMS = 8  # deliveries of a group written side by side (fsyncs in flight together), each in order
+# From this many files a group goes to the write worker process (write_worker.py: one syncfs for the group, no GIL
+# hand-offs in this process). A smaller one (the usual single delivery) is written here, an fsync per file, so it
+# neither waits for a process to start nor for whatever else the file system has to write.
+_WORKER_WRITES_MIN = 32
 
 
 @dataclass
@@ -156,6 +163,7 @@ class MaildirBridge:
         self._arrived_bytes = 0
         self._jobs: list[_DeliveryJob] = []
         self._in_flight: set[str] = set()  # messages whose delivery is being written
+        self._write_worker: WriteWorker | None = None  # started by the first large group
         self._own_paths: set[str] = set()  # files this bridge delivered, whose watcher events are no news
         self._changed_in_flight: set[str] = set()
         self._from_store: set[str] = set()  # bodies being delivered that came from the blob store
@@ -235,6 +243,15 @@ class MaildirBridge:
         if message_id is not None:
             self.dirty_messages.add(message_id)
 
+    def close(self) -> None:
+        """Wait for the deliveries being written, record them, and end the write worker (if one was started)."""
+        try:
+            self.finish_deliveries(wait=True)
+        finally:
+            if self._write_worker is not None:
+                self._write_worker.close()
+                self._write_worker = None
+
     def pending(self) -> bool:
         """Whether replica changes wait to be written to the Maildir (or written deliveries to be recorded)."""
         return bool(self.dirty_messages or self.dirty_folders or (self._jobs and self._jobs[0].done.done()))
@@ -299,6 +316,7 @@ class MaildirBridge:
             elif op == "deliver" and source.exists() and not target.exists():
                 result = read_message_file(str(source))
                 if isinstance(result, bytes) and hashlib.sha256(result).hexdigest() == entry.get("sha256"):
+                    target.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(source, target)
                 else:  # our own half-written copy; the body is still in the blob store
                     self._to_expunged_area(source, "a delivery cut short")
@@ -809,11 +827,17 @@ class MaildirBridge:
         # files rather than per file: a future and a thread hand-off per file cost the event loop's thread more
         # than the writing does.
         files = [(os.path.join(self._root_text, p.temporary), self.path_text(p.final), p.body) for p in planned]
-        writes = [_writers().submit(_deliver_files, files[start::_WRITE_STREAMS])
-                  for start in range(min(_WRITE_STREAMS, len(files)))]
         directories = {os.path.dirname(self.path_text(p.final)) for p in planned}
-        # The directory fsyncs run on a writer thread too, once every file of the group is in place.
-        job = _DeliveryJob(planned, entries, _writers().submit(_settle_group, writes, directories))
+        if len(files) >= _WORKER_WRITES_MIN:
+            if self._write_worker is None:
+                self._write_worker = WriteWorker()
+            done = self._write_worker.submit(files, directories)
+        else:
+            writes = [_writers().submit(_deliver_files, files[start::_WRITE_STREAMS])
+                      for start in range(min(_WRITE_STREAMS, len(files)))]
+            # The directory fsyncs run on a writer thread too, once every file of the group is in place.
+            done = _writers().submit(_settle_group, writes, directories)
+        job = _DeliveryJob(planned, entries, done)
         for item in planned:
             self._in_flight.add(item.row.message_id)
             self._own_paths.add(self.path_text(item.final))
@@ -989,22 +1013,12 @@ def _entries(directory: Path) -> list[Path]:
         return []
 
 
-def _write_durably(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _deliver_files(files: list[tuple[str, str, bytes]]) -> None:
     """Write each delivery to tmp/, fsync it, rename it into place, one after the other (on a writer thread)."""
     for temporary, final, data in files:
-        _write_durably(temporary, data)
+        write_file(temporary, data, sync=True)
         os.rename(temporary, final)
 
 
@@ -1013,16 +1027,7 @@ def _settle_group(writes: list[concurrent.futures.Future[None]], directories: se
     for future in writes:
         future.result()
     for directory in directories:
-        _fsync_dir(Path(directory))
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(directory)
 
 
 def describe(bridge: MaildirBridge) -> dict[str, Any]:

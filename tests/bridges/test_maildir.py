@@ -473,3 +473,63 @@ def test_journal_and_state_rows_written_in_bulk_keep_their_order_and_close_toget
     assert reloaded.records == {r.uid: r for r in records}
     state.save(done_journal=ids[900:])
     assert state.open_journal() == []
+
+
+def test_a_large_group_of_deliveries_is_written_by_the_worker_process(desk: Desk) -> None:
+    import crdtmail.bridges.maildir as bridge_module
+
+    raws = [make_raw(f"group {n}") for n in range(bridge_module._WORKER_WRITES_MIN)]
+    ids = [desk.box.add(raw, flags=[SEEN] if n % 2 else []).message_id for n, raw in enumerate(raws)]
+    desk.quick()
+    worker = desk.bridge._write_worker
+    assert worker is not None and worker.pid not in (None, os.getpid())
+    for n, (message_id, raw) in enumerate(zip(ids, raws, strict=True)):
+        path = desk.file_of(message_id)
+        assert path.read_bytes() == raw
+        assert path.parent.name == ("cur" if n % 2 else "new")
+    assert list((desk.root / "tmp").iterdir()) == [] and desk.bridge.state.open_journal() == []
+    pid = worker.pid
+    one = desk.box.add(make_raw("alone")).message_id
+    desk.quick()  # a small group is written here, an fsync per file
+    assert desk.file_of(one).exists() and worker.pid == pid
+    desk.bridge.close()
+    assert worker.pid is None and desk.bridge._write_worker is None
+
+
+def test_a_killed_worker_process_is_started_again_for_the_next_group(desk: Desk) -> None:
+    import signal
+
+    import crdtmail.bridges.maildir as bridge_module
+
+    count = bridge_module._WORKER_WRITES_MIN
+    [desk.box.add(make_raw(f"first {n}")) for n in range(count)]
+    desk.quick()
+    worker = desk.bridge._write_worker
+    assert worker is not None and worker.pid is not None
+    killed = worker.pid
+    os.kill(killed, signal.SIGKILL)
+    assert worker._process is not None and worker._process.wait(timeout=10) == -signal.SIGKILL
+    ids = [desk.box.add(make_raw(f"second {n}")).message_id for n in range(count)]
+    desk.quick()
+    assert worker.pid not in (None, killed)
+    assert all(desk.file_of(message_id).exists() for message_id in ids)
+    desk.bridge.close()
+
+
+def test_a_group_the_worker_could_not_rename_is_finished_by_recovery(desk: Desk) -> None:
+    import crdtmail.bridges.maildir as bridge_module
+
+    (desk.root / "new").rmdir()  # renames into new/ fail in the worker, after the files are durable in tmp/
+    raws = [make_raw(f"unplaced {n}") for n in range(bridge_module._WORKER_WRITES_MIN)]
+    ids = [desk.box.add(raw).message_id for raw in raws]
+    with pytest.raises(OSError, match="No such file"):
+        desk.quick()
+    assert sorted(p.read_bytes() for p in (desk.root / "tmp").iterdir()) == sorted(raws)
+    assert len(desk.bridge.state.open_journal()) == len(raws)  # nothing recorded as delivered
+    desk.full()
+    files = desk.files()
+    assert sorted(files) == sorted(ids) and all(len(places) == 1 for places in files.values())
+    for message_id, raw in zip(ids, raws, strict=True):
+        assert desk.file_of(message_id).read_bytes() == raw
+    assert desk.bridge.state.open_journal() == [] and list((desk.root / "tmp").iterdir()) == []
+    desk.bridge.close()
