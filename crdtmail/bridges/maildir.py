@@ -13,9 +13,9 @@ What maps to what:
   replica only, and other tools' letters stay in the name);
 - a file removed by another program is an expunge; a message expunged in the replica has its file moved into the
   ``crdtmail-expunged/<date>/`` area of the Maildir (kept ``retention_days``), never unlinked;
-- a message new to the replica is delivered the Maildir way: written to ``tmp/``, fsynced, renamed into place
-  (a large group of deliveries, a first mirror, goes to a worker process that makes it durable with one
-  ``syncfs`` before the renames).
+- a message new to the replica is delivered the Maildir way: written to ``tmp/``, fsynced, then linked into
+  place and its ``tmp/`` name removed (a large group of deliveries, a first mirror, goes to a worker process that
+  makes it durable with one ``syncfs`` first).
 
 Bodies stay in the Maildir: a message read from a file is added without copying its body into the blob store, and
 the bridge serves bodies from the files, verified against their hash. A body that arrives from a peer for a message
@@ -55,7 +55,7 @@ from crdtmail.bridges.layout import (
 )
 from crdtmail.bridges.parse_worker import read_and_parse
 from crdtmail.bridges.state import BridgeState, FileRecord, journal_path, path_from_journal
-from crdtmail.bridges.write_worker import WriteWorker, fsync_directory, write_file
+from crdtmail.bridges.write_worker import WriteWorker, fsync_directory, place_file, write_file
 from crdtmail.digest import sha256_hex
 from crdtmail.errors import CrdtmailError, ExpungedMessageError, ModelError
 from crdtmail.importer import read_message_file, show_path
@@ -317,9 +317,11 @@ class MaildirBridge:
                 result = read_message_file(str(source))
                 if isinstance(result, bytes) and hashlib.sha256(result).hexdigest() == entry.get("sha256"):
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(source, target)
+                    place_file(str(source), str(target))
                 else:  # our own half-written copy; the body is still in the blob store
                     self._to_expunged_area(source, "a delivery cut short")
+            elif op == "deliver" and source.exists() and _same_file(source, target):
+                os.unlink(source)  # linked into place, stopped before its tmp/ name was removed: one file, two names
             log.info("bridge %s: finished an interrupted %s of %s", self.mailbox.name, op, show_path(target))
             # The state is brought up to date by the pass that follows, from what is on disk now.
             self.state.save(done_journal=entry_id)
@@ -865,7 +867,7 @@ class MaildirBridge:
                 for item in job.planned:
                     self._in_flight.discard(item.row.message_id)
                 raise
-            self._step("delivery written and renamed into place")
+            self._step("delivery written and put in place")
             self.state.save(put=[FileRecord(p.final.uid, p.row.message_id, p.row.folder_id, p.final, p.letters,
                                             p.sha256) for p in job.planned], done_journal=job.entries)
             self._step("state after delivery")
@@ -1002,6 +1004,13 @@ def _writers() -> concurrent.futures.ThreadPoolExecutor:
     return _writer_pool
 
 
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
+
+
 def _is_maildir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "cur")) and os.path.isdir(os.path.join(path, "new"))
 
@@ -1016,14 +1025,14 @@ def _entries(directory: Path) -> list[Path]:
 
 
 def _deliver_files(files: list[tuple[str, str, bytes]]) -> None:
-    """Write each delivery to tmp/, fsync it, rename it into place, one after the other (on a writer thread)."""
+    """Write each delivery to tmp/, fsync it, put it in place, one after the other (on a writer thread)."""
     for temporary, final, data in files:
         write_file(temporary, data, sync=True)
-        os.rename(temporary, final)
+        place_file(temporary, final)
 
 
 def _settle_group(writes: list[concurrent.futures.Future[None]], directories: set[str]) -> None:
-    """Wait for a group's files, then fsync the directories they were renamed into (on a writer thread)."""
+    """Wait for a group's files, then fsync the directories they were put in (on a writer thread)."""
     for future in writes:
         future.result()
     for directory in directories:

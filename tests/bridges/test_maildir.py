@@ -533,3 +533,17 @@ def test_a_group_the_worker_could_not_rename_is_finished_by_recovery(desk: Desk)
         assert desk.file_of(message_id).read_bytes() == raw
     assert desk.bridge.state.open_journal() == [] and list((desk.root / "tmp").iterdir()) == []
     desk.bridge.close()
+
+
+def test_a_delivery_stopped_between_link_and_unlink_keeps_one_file(desk: Desk) -> None:
+    raw = make_raw("linked, not yet unlinked")
+    message_id = desk.box.add(raw).message_id
+    sha256 = desk.box.message(message_id).envelope.body_sha256
+    temporary, final = desk.root / "tmp" / "1.linked", desk.root / "new" / "1.linked"
+    desk.bridge.state.journal_many([{"op": "deliver", "from": "tmp/1.linked", "to": "new/1.linked",
+                                     "sha256": sha256}])
+    temporary.write_bytes(raw)
+    os.link(temporary, final)  # the process stopped here
+    desk.full()
+    assert not temporary.exists() and final.read_bytes() == raw
+    assert desk.files() == {message_id: [("", "")]} and desk.bridge.state.open_journal() == []

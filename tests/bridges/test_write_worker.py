@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crdtmail.bridges.write_worker import WriteWorker, write_group
+from crdtmail.bridges.write_worker import WriteWorker, place_file, write_group
 
 
 def maildir(path: Path) -> Path:
@@ -61,3 +61,17 @@ def test_write_group_never_writes_over_an_existing_file(tmp_path: Path) -> None:
         write_group([(str(root / "tmp" / "taken"), str(root / "new" / "taken"), b"ours")], [])
     assert (root / "tmp" / "taken").read_bytes() == b"someone else's"
     assert os.listdir(root / "new") == []
+
+
+def test_place_file_links_the_delivery_in_and_removes_its_tmp_name(tmp_path: Path) -> None:
+    root = maildir(tmp_path / "Maildir")
+    (root / "tmp" / "one").write_bytes(b"one")
+    place_file(str(root / "tmp" / "one"), str(root / "new" / "one"))
+    assert (root / "new" / "one").read_bytes() == b"one" and os.listdir(root / "tmp") == []
+    assert os.stat(root / "new" / "one").st_nlink == 1
+    # A final name already taken is never replaced: the delivery stays in tmp/.
+    (root / "tmp" / "two").write_bytes(b"ours")
+    (root / "new" / "two").write_bytes(b"already there")
+    with pytest.raises(FileExistsError):
+        place_file(str(root / "tmp" / "two"), str(root / "new" / "two"))
+    assert (root / "new" / "two").read_bytes() == b"already there" and (root / "tmp" / "two").read_bytes() == b"ours"
