@@ -37,6 +37,7 @@ from crdtmail.protocol.frames import (
     websocket_close_code,
 )
 from crdtmail.protocol.session import (
+    BlobMissing,
     BlobReceived,
     BlobsWanted,
     ConnectionClosed,
@@ -54,6 +55,10 @@ from crdtmail.replica import Replica
 from crdtmail.transport import Dialer, Link, TransportLimits, serve_links
 
 log = logging.getLogger(__name__)
+
+# A peer that answers "missing" for a body it holds has usually just seen its file renamed or moved by a mail
+# client; the body is asked for again after these delays (then not again on this connection).
+MISSING_BODY_RETRY_SECONDS = (0.25, 1.0, 4.0, 15.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class _Session:
     synced: set[str] = field(default_factory=set)
     connected_at: float = field(default_factory=time.time)
     last_sync: float | None = None
+    missing_answers: dict[str, int] = field(default_factory=dict)  # body hash -> "missing" answers so far
 
     async def run(self) -> None:
         self.peer.sessions.add(self)
@@ -161,7 +167,10 @@ class _Session:
                     else:
                         self.connection.send_blob(sha256, data)
             elif isinstance(event, BlobReceived):
+                self.missing_answers.pop(event.sha256, None)
                 self.peer.store_blob(event.sha256, event.data)
+            elif isinstance(event, BlobMissing):
+                self._ask_again_later(event.sha256)
             elif isinstance(event, ProtocolViolation):
                 log.warning("closing link %s: %s", self.link.name, event.reason)
             elif isinstance(event, ConnectionClosed):
@@ -206,11 +215,30 @@ class _Session:
             if change.origin is self.connection and change.added and self.peer.bodies.fetch:
                 # The peer that sent the new messages has their bodies.
                 # In bulk: a shard's initial sync adds thousands of messages in one change.
-                envelopes = [e for e in self.peer.mailbox(mailbox).envelopes(change.added).values()
-                             if self.peer.bodies.wants(e)]
+                # The envelopes come with the change where it had them (a shard that arrived whole).
+                known = change.envelopes
+                rest = [message_id for message_id in change.added if message_id not in known]
+                found = list(known.values())
+                if rest:
+                    found.extend(self.peer.mailbox(mailbox).envelopes(rest).values())
+                envelopes = [e for e in found if self.peer.bodies.wants(e)]
                 self.want_bodies(self.peer.lacking_blobs(e.body_sha256 for e in envelopes),
                                  sizes={e.body_sha256: e.size for e in envelopes})
             self.flush()
+
+    def _ask_again_later(self, sha256: str) -> None:
+        answers = self.missing_answers.get(sha256, 0)
+        if answers >= len(MISSING_BODY_RETRY_SECONDS):
+            self.missing_answers.pop(sha256, None)
+            log.info("peer %s does not have body %s; it is asked for again on the next connection",
+                     self.connection.peer_id, sha256[:16])
+            return
+        self.missing_answers[sha256] = answers + 1
+        asyncio.get_running_loop().call_later(MISSING_BODY_RETRY_SECONDS[answers], self._ask_again, sha256)
+
+    def _ask_again(self, sha256: str) -> None:
+        if self.connection.is_open and self in self.peer.sessions and self.peer.lacking_blobs([sha256]):
+            self.want_bodies([sha256])
 
     def want_bodies(self, hashes: Iterable[str], *, sizes: Mapping[str, int] | None = None) -> None:
         wanted = [h for h in hashes if h and not self.connection.is_wanted(h)]

@@ -282,3 +282,35 @@ def test_lacking_blobs_asks_the_store_in_bulk_and_keeps_order(tmp_path: Path) ->
         assert peer.missing_bodies("default") == [] and peer.missing_body_sizes("default") == {}
     finally:
         replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_body_answered_missing_is_asked_for_again(tmp_path: Path) -> None:
+    from crdtmail.model.backend import CommitBatch
+
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desk_box = desktop_replica.mailbox("default", create=True)
+    raws = [make_raw(f"body {n}") for n in range(3)]
+    ids = [desk_box.add(raw).message_id for raw in raws]
+    late = desk_box.message(ids[0]).envelope.body_sha256
+    # The desktop cannot give this body at first (its file was being moved by a mail client, say).
+    desktop_replica.store.delete_blobs([late])
+    phone_replica = Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica), Peer(phone_replica, bodies=True)
+        token = desktop.registry.pair("phone", ["default"])
+        server = await desktop.serve()
+        dialer = phone.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["default"], initial_delay=0.05)
+        task = asyncio.create_task(dialer.run())
+        await until(lambda: any(late in s.missing_answers for s in phone.sessions))
+        phone_box = phone.mailbox("default")
+        assert phone_box.body(ids[0]) is None and phone_box.body(ids[1]) == raws[1]
+        desktop_replica.store.backend("").commit(CommitBatch(blobs={late: raws[0]}))  # the file is found again
+        await until(lambda: phone_box.body(ids[0]) == raws[0])
+        assert all(not s.missing_answers for s in phone.sessions)
+        await hang_up(dialer, task, phone, server)
+
+    asyncio.run(main())
+    desktop_replica.close()
+    phone_replica.close()

@@ -157,7 +157,7 @@ class MaildirBridge:
         self.dirty_folders = False
         self.waiting_bodies: dict[str, str] = {}  # body sha256 -> message id to deliver once it arrives
         # The other way round: an envelope never changes, so a waiting message's body hash need not be read from
-        # its shard again when the body comes.
+        # its shard again when the body comes (nor at all when the change that added it brought its envelope).
         self._waiting_hash: dict[str, str] = {}
         self._arrived: dict[str, bytes] = {}  # bodies taken from peers, not yet written (see take_body)
         self._arrived_bytes = 0
@@ -200,6 +200,14 @@ class MaildirBridge:
         if self._applying and change.origin == LOCAL:
             return
         touched = change.added | change.changed | change.moved | change.expunged
+        for message_id, envelope in change.envelopes.items():
+            # The body hash comes with the change: the delivery need not load the shard to learn it.
+            if envelope.body_sha256 and self.state.primary(message_id) is None:
+                self._waiting_hash.setdefault(message_id, envelope.body_sha256)
+        for message_id in change.expunged:
+            sha256 = self._waiting_hash.pop(message_id, None)
+            if sha256 is not None and self.waiting_bodies.get(sha256) == message_id:
+                del self.waiting_bodies[sha256]
         if self._in_flight:
             self._changed_in_flight |= touched & self._in_flight
         self.dirty_messages |= touched
@@ -389,14 +397,19 @@ class MaildirBridge:
         if len(self._own_paths) > 100_000:
             self._own_paths.clear()
         for path in paths:
-            if path in self._own_paths:
+            own = path in self._own_paths
+            if own:
                 self._own_paths.discard(path)
-                continue
             file = self.file_at(path)
             if file is None:
                 continue
             if os.path.lexists(self.path_text(file)):
-                seen[file.uid] = file
+                if not own:  # a file this bridge delivered, still where it was put: no news
+                    seen[file.uid] = file
+            elif own:
+                # A file this bridge delivered and another program removed or renamed at once (both events in one
+                # batch): its state may not be recorded yet, so only a full pass can tell where it went.
+                needs_full = True
             else:
                 missing.append(file)
         for file in missing:

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +142,9 @@ class MailboxChange:
     expunged: frozenset[str] = frozenset()
     folders_changed: bool = False
     updates: tuple[tuple[str, bytes], ...] = ()  # (document, update) as committed, for sending to peers
+    # Envelopes of added messages that the commit had at hand (a shard that arrived whole, a local add), so an
+    # observer that wants them (bodies to ask for, to deliver) need not load the shard again; may be partial.
+    envelopes: Mapping[str, Envelope] = field(default_factory=dict)
 
     @property
     def is_local(self) -> bool:
@@ -171,6 +174,7 @@ class _Pending:
     blobs: dict[str, bytes] = field(default_factory=dict)
     row_hints: dict[str, IndexRow] = field(default_factory=dict)  # rows known without reading them back
     envelopes: set[str] = field(default_factory=set)  # remote changes to an envelope or a tombstone
+    added_envelopes: dict[str, Envelope] = field(default_factory=dict)  # for MailboxChange.envelopes
     documents: set[str] = field(default_factory=set)
     origins: list[Any] = field(default_factory=list)
 
@@ -459,6 +463,8 @@ class Mailbox:
             expunged=frozenset((pending.expunged | pending.added) & batch.rows_delete),
             folders_changed=pending.folders_changed,
             updates=tuple((update.doc_name, update.update) for update in pending.updates),
+            envelopes={message_id: envelope for message_id, envelope in pending.added_envelopes.items()
+                       if message_id in added},
         )
         for observer in list(self._observers):
             observer(change)
@@ -534,8 +540,10 @@ class Mailbox:
         """Every visible message's row, reading each map once (a pycrdt look-up per key costs a transaction)."""
         return self._read_shard(shard)[0]
 
-    def _read_shard(self, shard: _Shard) -> tuple[dict[str, IndexRow], set[str]]:
-        """Every visible message's row, and every message id the shard holds (expunged ones too).
+    def _read_shard(self, shard: _Shard, envelopes: dict[str, Envelope] | None = None,
+                    ) -> tuple[dict[str, IndexRow], set[str]]:
+        """Every visible message's row, and every message id the shard holds (expunged ones too); the visible
+        envelopes go into ``envelopes`` when given.
 
         Each map is read once.
         """
@@ -548,6 +556,8 @@ class Mailbox:
             if message_id in expunged:
                 continue
             envelope = Envelope.from_crdt(value)
+            if envelopes is not None:
+                envelopes[message_id] = envelope
             folder = placement.get(message_id)
             rows[message_id] = IndexRow(
                 message_id=message_id,
@@ -783,6 +793,7 @@ class Mailbox:
             if normalised:
                 shard.flagged_ids.add(message_id)
             self._touch(shard, message_id, self._pending.added)
+            self._pending.added_envelopes[message_id] = envelope
             if not trustworthy_hint:
                 return AddResult(message_id, added=True)  # flags from elsewhere exist: read the row back
             self._pending.row_hints[message_id] = IndexRow(
@@ -1047,8 +1058,8 @@ class Mailbox:
         # then) if it is still in memory: apply_update drops it once it is committed.
         if bulk is not None and self._remote_changed:
             # The rows become hints, so the commit reads none of the shard's maps again.
-            rows, arrived = self._read_shard(self._shards[doc_name])
             pending = self._pending
+            rows, arrived = self._read_shard(self._shards[doc_name], pending.added_envelopes)
             pending.touched.setdefault(doc_name, set()).update(arrived)
             pending.added.update(arrived)
             pending.row_hints.update(rows)

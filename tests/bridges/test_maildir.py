@@ -16,6 +16,7 @@ from crdtmail.model.flags import FLAGGED, SEEN
 from crdtmail.model.mailbox import INBOX, Mailbox
 from crdtmail.model.message import parse_message
 from crdtmail.replica import Replica
+from crdtmail.storage.memory import MemoryBackend
 from tests.conftest import make_raw
 
 
@@ -547,3 +548,32 @@ def test_a_delivery_stopped_between_link_and_unlink_keeps_one_file(desk: Desk) -
     desk.full()
     assert not temporary.exists() and final.read_bytes() == raw
     assert desk.files() == {message_id: [("", "")]} and desk.bridge.state.open_journal() == []
+
+
+def test_messages_of_a_shard_that_arrived_whole_wait_for_bodies_without_loading_it(desk: Desk) -> None:
+    sender = Mailbox("sender", MemoryBackend())
+    raws = [make_raw(f"synced {n}", date=f"Sat, 0{n + 1} Aug 2026 10:00:00 +0000") for n in range(4)]
+    ids = [sender.add(raw).message_id for raw in raws]
+    desk.box.apply_update("index", sender.encode_document("index"), origin="peer")
+    desk.box.apply_update("2026-08", sender.encode_document("2026-08"), origin="peer")
+    desk.quick()
+    # The change brought the body hashes: the shard was not loaded again to learn them.
+    assert "2026-08" not in desk.box.loaded_shards()
+    assert sorted(desk.bridge.waiting_bodies.values()) == sorted(ids)
+    for raw in raws:
+        assert desk.bridge.take_body(hashlib.sha256(raw).hexdigest(), raw)
+    desk.quick()
+    assert desk.bridge.waiting_bodies == {}
+    for message_id, raw in zip(ids, raws, strict=True):
+        assert desk.file_of(message_id).read_bytes() == raw
+
+
+def test_a_delivered_file_removed_before_its_event_was_read_is_looked_for(desk: Desk) -> None:
+    message_id = desk.box.add(make_raw("delivered, then deleted by the mail client")).message_id
+    desk.quick()
+    path = desk.file_of(message_id)
+    path.unlink()  # the watcher's create and delete events of this path reach the bridge as one batch
+    report, needs_full = desk.bridge.quick_pass([str(path)])
+    assert needs_full  # not taken for the bridge's own, unchanged delivery
+    desk.full()
+    assert desk.box.rows([message_id]) == {} and desk.files() == {}

@@ -538,3 +538,23 @@ def test_a_dropped_shard_is_freed_with_its_observers(backend: MailboxBackend) ->
     gc.collect()
     assert document() is None
     assert replica.message(mid).flags == {"\\Seen"}
+
+
+def test_a_change_brings_the_envelopes_of_the_messages_it_adds(mailbox: Mailbox) -> None:
+    changes = recorded(mailbox)
+    local = mailbox.add(make_raw("added here")).message_id
+    assert dict(changes[-1].envelopes) == {local: mailbox.message(local).envelope}
+    # A shard arriving whole (an initial sync) brings the envelopes it was read for anyway.
+    sender = Mailbox("sender", MemoryBackend())
+    ids = [sender.add(make_raw(f"arriving {n}", date=f"Sat, 0{n + 1} Aug 2026 10:00:00 +0000")).message_id
+           for n in range(5)]
+    gone = sender.add(make_raw("expunged before it travels", date="Sat, 08 Aug 2026 10:00:00 +0000")).message_id
+    sender.expunge(gone)
+    mailbox.apply_update("index", sender.encode_document("index"), origin="peer")
+    mailbox.apply_update("2026-08", sender.encode_document("2026-08"), origin="peer")
+    arrived = changes[-1]
+    assert arrived.origin == "peer" and arrived.added == set(ids)
+    assert dict(arrived.envelopes) == {message_id: sender.message(message_id).envelope for message_id in ids}
+    # A flag change adds nothing and brings no envelope.
+    mailbox.set_flags(ids[0], add=["\\Seen"])
+    assert changes[-1].changed == {ids[0]} and dict(changes[-1].envelopes) == {}

@@ -131,6 +131,11 @@ async def start_desktop(base: Path, stop: asyncio.Event, remotes: list[RemotePee
     return desktop, replica, task
 
 
+def view_differences(a: dict[str, object], b: dict[str, object]) -> dict[str, tuple[object, object]]:
+    """The messages two Maildir views disagree on: id -> (what A has, what B has), None where absent."""
+    return {key: (a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
+
+
 def test_two_desktops_converge_after_random_changes_on_both_maildirs(tmp_path: Path) -> None:
     root_a = tmp_path / "a" / "Maildir"
     write_maildir(root_a, generate_messages(60, seed=3))
@@ -143,7 +148,7 @@ def test_two_desktops_converge_after_random_changes_on_both_maildirs(tmp_path: P
         a, replica_a, task_a = await start_desktop(tmp_path / "a", stop, [])
         token = a.peer.registry.pair("b", ["default"])
         url = f"ws://127.0.0.1:{a.port}/sync"
-        _b, replica_b, task_b = await start_desktop(tmp_path / "b", stop, [RemotePeer(url, token, ("default",), None)])
+        b, replica_b, task_b = await start_desktop(tmp_path / "b", stop, [RemotePeer(url, token, ("default",), None)])
         try:
             assert await wait_for(lambda: len(maildir_view(root_b)) == len(maildir_view(root_a)) > 0, 60)
             clients = [MailClient(root_a, 1), MailClient(root_b, 2)]
@@ -151,8 +156,13 @@ def test_two_desktops_converge_after_random_changes_on_both_maildirs(tmp_path: P
                 for client in clients:
                     client.act()
                 await asyncio.sleep(0.02)
-            assert await wait_for(lambda: maildir_view(root_a) == maildir_view(root_b), 60), (
-                maildir_view(root_a), maildir_view(root_b))
+            if not await wait_for(lambda: maildir_view(root_a) == maildir_view(root_b), 60):
+                differing = view_differences(maildir_view(root_a), maildir_view(root_b))
+                raise AssertionError({message_id: (views, [(
+                    desk.peer.mailbox("default").rows([message_id]).get(message_id),
+                    desk.lanes["default"].bridge.state.primary(message_id),
+                    message_id in desk.lanes["default"].bridge.dirty_messages) for desk in (a, b)])
+                    for message_id, views in differing.items()})
             view = maildir_view(root_a)
             rows = {r.message_id: r for r in replica_a.mailbox("default").index_rows()}
             assert set(rows) == set(view)
