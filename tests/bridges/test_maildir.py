@@ -573,7 +573,7 @@ def test_a_delivered_file_removed_before_its_event_was_read_is_looked_for(desk: 
     desk.quick()
     path = desk.file_of(message_id)
     path.unlink()  # the watcher's create and delete events of this path reach the bridge as one batch
-    report, needs_full = desk.bridge.quick_pass([str(path)])
+    _report, needs_full = desk.bridge.quick_pass([str(path)])
     assert needs_full  # not taken for the bridge's own, unchanged delivery
     desk.full()
     assert desk.box.rows([message_id]) == {} and desk.files() == {}
