@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=100_000, help="messages in the generated Maildir")
     parser.add_argument("--samples", type=int, default=300, help="rename latency samples")
     parser.add_argument("--quick", action="store_true", help="2,000 messages and 50 samples")
+    parser.add_argument("--watcher", choices=("watchdog", "inotify"), default="watchdog",
+                        help="the desktop peers' file watcher (crdtmail desktop --watcher)")
 
 
 def _maildir(count: int) -> Path:
@@ -70,12 +72,13 @@ report()
     return source
 
 
-def _desktop(data_dir: Path, maildir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _desktop(data_dir: Path, maildir: Path, port: int, log: Path, watcher: str = "watchdog",
+             ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CRDTMAIL_DATA_DIR": str(data_dir)}
     with log.open("wb") as handle:
         return subprocess.Popen([sys.executable, "-m", "crdtmail.cli", "-v", "desktop", "--maildir", str(maildir),
-                                 "--port", str(port)], cwd=BENCH_DIR.parent, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT)
+                                 "--port", str(port), "--watcher", watcher], cwd=BENCH_DIR.parent, env=env,
+                                stdout=handle, stderr=subprocess.STDOUT)
 
 
 def _cli(data_dir: Path, *args: str) -> str:
@@ -197,8 +200,9 @@ def run(args: argparse.Namespace) -> int:
     port = _free_port()
     _cli(b_data, "init")
     _cli(b_data, "connect", f"ws://127.0.0.1:{port}/sync", "--token", token)
-    processes = [_desktop(a_data, a_maildir, port, work / "a.log")]
-    result: dict[str, Any] = {"machine": machine(), "count": count, "mirror": mirror,
+    watcher = getattr(args, "watcher", "watchdog")
+    processes = [_desktop(a_data, a_maildir, port, work / "a.log", watcher)]
+    result: dict[str, Any] = {"machine": machine(), "count": count, "mirror": mirror, "watcher": watcher,
                               "disk_settle_seconds": round(settled, 2)}
     try:
         deadline = time.monotonic() + 60
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.1)
         print("second desktop mirroring it into an empty Maildir...", flush=True)
         started = time.perf_counter()
-        processes.append(_desktop(b_data, b_maildir, 0, work / "b.log"))
+        processes.append(_desktop(b_data, b_maildir, 0, work / "b.log", watcher))
         deadline = time.monotonic() + 900
         files = 0
         while time.monotonic() < deadline:
