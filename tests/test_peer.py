@@ -45,6 +45,14 @@ async def hang_up(dialer: Dialer, task: asyncio.Task[None], peer: Peer, server: 
     await server.wait_closed()
 
 
+async def phone_dials_desktop(desktop: Peer, phone: Peer) -> tuple[Server, Dialer, asyncio.Task[None]]:
+    """The desktop pairs the phone for "default" and serves; the phone dials it."""
+    token = desktop.registry.pair("phone", ["default"])
+    server = await desktop.serve()
+    dialer = phone.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["default"], initial_delay=0.05)
+    return server, dialer, asyncio.create_task(dialer.run())
+
+
 @pytest.mark.timeout(60)
 def test_two_peers_converge_both_ways_after_offline_edits(tmp_path: Path) -> None:
     maildir = tmp_path / "Maildir"
@@ -178,10 +186,7 @@ def test_a_phone_fetches_only_recent_small_bodies(tmp_path: Path) -> None:
 
     async def main() -> None:
         desktop, phone = Peer(desktop_replica), Peer(phone_replica, bodies=policy)
-        token = desktop.registry.pair("phone", ["default"])
-        server = await desktop.serve()
-        dialer = phone.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["default"], initial_delay=0.05)
-        task = asyncio.create_task(dialer.run())
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
         desk_box = desktop.mailbox("default")
         await until(lambda: "default" in phone_replica.mailbox_names()
                     and snapshot(phone.mailbox("default")) == snapshot(desk_box))
@@ -299,10 +304,7 @@ def test_a_body_answered_missing_is_asked_for_again(tmp_path: Path) -> None:
 
     async def main() -> None:
         desktop, phone = Peer(desktop_replica), Peer(phone_replica, bodies=True)
-        token = desktop.registry.pair("phone", ["default"])
-        server = await desktop.serve()
-        dialer = phone.dial(f"ws://127.0.0.1:{port_of(server)}/sync", token, ["default"], initial_delay=0.05)
-        task = asyncio.create_task(dialer.run())
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
         await until(lambda: any(late in s.missing_answers for s in phone.sessions))
         phone_box = phone.mailbox("default")
         assert phone_box.body(ids[0]) is None and phone_box.body(ids[1]) == raws[1]
