@@ -140,6 +140,7 @@ def _rename_latency(a_data: Path, a_maildir: Path, b_data: Path, b_maildir: Path
     observer.schedule(Seen(), str(b_maildir), recursive=True)
     observer.start()
     latencies: list[float] = []
+    slow: list[dict[str, Any]] = []  # the slowest samples, with wall-clock times to find in the peers' logs
     lost = 0
     try:
         time.sleep(0.5)
@@ -149,11 +150,15 @@ def _rename_latency(a_data: Path, a_maildir: Path, b_data: Path, b_maildir: Path
             letters = "".join(sorted(set(info) ^ {"S"}))
             source = a_maildir / folder_dir / sub / name
             started = time.perf_counter()
+            wall = time.time()
             os.rename(source, a_maildir / folder_dir / "cur" / f"{unique}:2,{letters}")
             with got:
                 got.wait_for(lambda message_id=message_id: message_id in arrived, timeout=5)
             if message_id in arrived:
                 latencies.append((arrived[message_id] - started) * 1000)
+                if latencies[-1] > 50:
+                    slow.append({"at": time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}",
+                                 "ms": round(latencies[-1], 2), "message_id": message_id})
             else:
                 lost += 1
             time.sleep(0.05)
@@ -166,7 +171,8 @@ def _rename_latency(a_data: Path, a_maildir: Path, b_data: Path, b_maildir: Path
         return round(latencies[min(len(latencies) - 1, int(fraction * len(latencies)))], 2) if latencies else 0.0
 
     return {"samples": len(latencies), "not_seen_within_5s": lost, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "max_ms": round(latencies[-1], 2) if latencies else 0.0}
+            "max_ms": round(latencies[-1], 2) if latencies else 0.0,
+            "over_50_ms": sorted(slow, key=lambda sample: -sample["ms"])[:10]}
 
 
 def run(args: argparse.Namespace) -> int:
