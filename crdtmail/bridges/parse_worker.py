@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 import orjson
@@ -41,6 +42,7 @@ def describe(path: str) -> bytes:
 
 def main() -> int:
     """Serve paths until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bridge ends it by closing stdin, Ctrl-C or not
     out = sys.stdout.buffer
     lines: list[bytes] = []
     for line in sys.stdin.buffer:

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -208,6 +209,9 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
 
 def main() -> int:
     """Serve groups until stdin closes."""
+    # Ctrl-C in a terminal reaches the whole process group: the peer shuts down cleanly and closes the pipe, and
+    # this process finishes the group it is writing rather than dying with it half done.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     source = sys.stdin.buffer
     out = sys.stdout.buffer
     while True:

@@ -75,3 +75,22 @@ def test_place_file_links_the_delivery_in_and_removes_its_tmp_name(tmp_path: Pat
     with pytest.raises(FileExistsError):
         place_file(str(root / "tmp" / "two"), str(root / "new" / "two"))
     assert (root / "new" / "two").read_bytes() == b"already there" and (root / "tmp" / "two").read_bytes() == b"ours"
+
+
+def test_ctrl_c_leaves_the_worker_to_the_bridge(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    root = maildir(tmp_path / "Maildir")
+    worker = WriteWorker()
+    try:
+        worker.submit([(str(root / "tmp" / "a"), str(root / "new" / "a"), b"a")], set()).result(timeout=30)
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+        time.sleep(0.2)
+        worker.submit([(str(root / "tmp" / "b"), str(root / "new" / "b"), b"b")], set()).result(timeout=30)
+        assert worker.pid == pid  # still the same process: the peer ends it, by closing its pipe
+    finally:
+        worker.close()
+    assert sorted(os.listdir(root / "new")) == ["a", "b"]
