@@ -94,3 +94,17 @@ def test_ctrl_c_leaves_the_worker_to_the_bridge(tmp_path: Path) -> None:
     finally:
         worker.close()
     assert sorted(os.listdir(root / "new")) == ["a", "b"]
+
+
+def test_place_file_renames_where_the_file_system_has_no_hard_links(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def no_links(source: str, target: str) -> None:  # what vfat and some network file systems answer
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    root = maildir(tmp_path / "Maildir")
+    (root / "tmp" / "one").write_bytes(b"one")
+    monkeypatch.setattr(os, "link", no_links)
+    place_file(str(root / "tmp" / "one"), str(root / "cur" / "one:2,S"))
+    assert (root / "cur" / "one:2,S").read_bytes() == b"one" and os.listdir(root / "tmp") == []
