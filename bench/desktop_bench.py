@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from bench.common import BENCH_DIR, WORK_DIR, machine, python_child, write_results
+from peers.desktop_args import add_watcher_argument
 
 MIRROR = """
 import sys, time
@@ -55,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=100_000, help="messages in the generated Maildir")
     parser.add_argument("--samples", type=int, default=300, help="rename latency samples")
     parser.add_argument("--quick", action="store_true", help="2,000 messages and 50 samples")
-    parser.add_argument("--watcher", choices=("watchdog", "inotify"), default="watchdog",
-                        help="the desktop peers' file watcher (crdtmail desktop --watcher)")
+    add_watcher_argument(parser)
 
 
 def _maildir(count: int) -> Path:

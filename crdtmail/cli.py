@@ -741,9 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="address to listen on (default: [listen] host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: [listen] port, 7878)")
     p.add_argument("--once", action="store_true", help="one full pass between Maildir and replica, then exit")
-    p.add_argument("--watcher", choices=("watchdog", "inotify"), default="watchdog",
-                   help="how to notice Maildir changes: watchdog (default), or inotify read on the event loop "
-                        "(Linux; faster when a whole mailbox is delivered at once)")
+    from peers.desktop_args import add_watcher_argument
+
+    add_watcher_argument(p)
     p = add("connect", cmd_connect, "add a peer to dial, with the token it paired for this device")
     p.add_argument("url", help="ws://host:port/sync or wss://...")
     p.add_argument("--token", required=True, help="the token `crdtmail pair` printed on that peer")

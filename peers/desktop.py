@@ -43,6 +43,7 @@ from crdtmail.model.mailbox import MailboxChange
 from crdtmail.peer import Peer
 from crdtmail.replica import Replica
 from peers import inotify
+from peers.desktop_args import WATCHERS, add_watcher_argument
 
 log = logging.getLogger("crdtmail.desktop")
 # watchdog warns when it re-adds a watch for a directory it already watches (a folder renamed back and forth).
@@ -128,11 +129,6 @@ class _Lane:
     def replica_changed(self, _change: MailboxChange) -> None:
         if self.bridge.pending():
             self.wake.set()
-
-
-WATCHERS = ("watchdog", "inotify")
-WATCHER_HELP = ("how to notice Maildir changes: watchdog (default), or inotify read on the event loop (Linux; "
-                "faster when a whole mailbox is delivered at once)")
 
 
 class DesktopPeer:
@@ -372,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--once", action="store_true", help="one full pass, then exit")
-    parser.add_argument("--watcher", choices=WATCHERS, default="watchdog", help=WATCHER_HELP)
+    add_watcher_argument(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
