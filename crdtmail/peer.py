@@ -377,12 +377,9 @@ class Peer:
         for session in list(self.sessions):
             session.want_bodies([sha256])
 
-    def missing_bodies(self, mailbox: str) -> list[str]:
-        """Body hashes this peer wants and lacks: the policy's choice for this mailbox, and any requested."""
-        return sorted(self.missing_body_sizes(mailbox))
-
     def missing_body_sizes(self, mailbox: str) -> dict[str, int | None]:
-        """``missing_bodies`` with each body's size as its envelope gives it (None for one requested by hash)."""
+        """Body hashes this peer wants and lacks (the policy's choice for this mailbox, and any requested), each
+        with its size as its envelope gives it (None for one requested by hash)."""
         missing: dict[str, int | None] = dict.fromkeys(self.lacking_blobs(self._requested_bodies))
         if self.bodies.fetch:
             sizes = {e.body_sha256: e.size for e in self.mailbox(mailbox).all_envelopes() if self.bodies.wants(e)}

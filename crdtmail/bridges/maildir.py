@@ -1035,8 +1035,6 @@ def _entries(directory: Path) -> list[Path]:
         return []
 
 
-
-
 def _deliver_files(files: list[tuple[str, str, bytes]]) -> None:
     """Write each delivery to tmp/, fsync it, put it in place, one after the other (on a writer thread)."""
     for temporary, final, data in files:

@@ -18,7 +18,7 @@ import orjson
 
 from crdtmail.bridges.layout import MaildirFile
 from crdtmail.errors import StorageError
-from crdtmail.storage.sqlite import SqliteStore, insert_many
+from crdtmail.storage.sqlite import SqliteStore, in_chunks, insert_many
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bridge_files (
@@ -160,10 +160,8 @@ class BridgeState:
                         (self.mailbox, os.fsencode(folder_dir), folder_id))
             if done_journal is not None:
                 done = [done_journal] if isinstance(done_journal, int) else list(done_journal)
-                for start in range(0, len(done), _ROWS_PER_STATEMENT):
-                    chunk = done[start : start + _ROWS_PER_STATEMENT]
-                    connection.execute(f"DELETE FROM bridge_journal WHERE id IN ({','.join('?' * len(chunk))})",
-                                       chunk)
+                for chunk, marks in in_chunks(done):
+                    connection.execute(f"DELETE FROM bridge_journal WHERE id IN ({marks})", chunk)
         for uid in delete:
             record = self.records.get(uid)
             if record is not None:
@@ -210,7 +208,7 @@ class BridgeState:
             )
 
 
-_ROWS_PER_STATEMENT = 400  # journal rows (two bound values each) or ids per statement: under 900 bound values
+_ROWS_PER_STATEMENT = 400  # journal rows per statement (two bound values each): under 900 bound values
 
 
 def _name(value: bytes | str) -> str:

@@ -591,7 +591,7 @@ class Mailbox:
         return stale
 
     def _drop_if_idle(self, name: str) -> None:
-        """Unload a shard loaded only for a rebuild, to keep memory small."""
+        """Unload a shard loaded only for a read (or that arrived whole), to keep memory small."""
         if self._batch_depth == 0 and name in self._shards:
             self._forget(name)
 
@@ -1032,10 +1032,10 @@ class Mailbox:
                 for entry in ready:
                     waiting.remove(entry)
                     self._integrate(doc_name, doc, entry[0], entry[1], whole=False)
-        if arrived_whole and self._batch_depth == 0 and not self._held.get(doc_name):
+        if arrived_whole and not self._held.get(doc_name):
             # A shard that arrived whole (an initial sync's history) is committed now; kept in memory, every shard
             # of the mailbox would be at once (385 MB for a 100k-message initial sync). It reloads when needed.
-            self._forget(doc_name)
+            self._drop_if_idle(doc_name)
         return True
 
     def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any, *, whole: bool) -> None:

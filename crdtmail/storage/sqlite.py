@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import pycrdt
 
@@ -547,9 +547,7 @@ class SqliteMailboxBackend:
         """The rows of the visible messages among ``message_ids``, looked up by primary key in chunks."""
         self._settle()
         found: dict[str, IndexRow] = {}
-        for start in range(0, len(message_ids), 500):
-            chunk = message_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in in_chunks(message_ids):
             for row in self._store._query(
                 "SELECT message_id, shard, folder_id, date, flags, sender, subject, size FROM rows"
                 f" WHERE mailbox = ? AND message_id IN ({marks})",
@@ -608,9 +606,7 @@ class SqliteMailboxBackend:
         each statement lets go of the GIL, and taking it back can wait a switch interval)."""
         self._settle()
         found: set[str] = set()
-        for start in range(0, len(hashes), 500):
-            chunk = hashes[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in in_chunks(hashes):
             found.update(row[0] for row in self._store._query(f"SELECT sha256 FROM blobs WHERE sha256 IN ({marks})",
                                                               tuple(chunk)))
         return found
@@ -680,6 +676,17 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
                 [(sha256, len(data), data) for sha256, data in batch.blobs.items()],
             )
     return snapshots
+
+
+_T = TypeVar("_T")
+
+
+def in_chunks(values: Sequence[_T], size: int = 500) -> Iterator[tuple[Sequence[_T], str]]:
+    """``values`` in slices of at most ``size``, each with its ``?,?,...`` for an ``IN (...)`` clause: a statement
+    per few hundred keys, not per key (each statement lets go of the GIL), under SQLite's bound-value limit."""
+    for start in range(0, len(values), size):
+        chunk = values[start : start + size]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def insert_many(connection: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
