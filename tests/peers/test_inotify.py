@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,23 +38,30 @@ async def settle() -> None:
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def watching(root: Path, folder_dirs: list[str]) -> AsyncIterator[tuple[Seen, inotify.MaildirWatch]]:
+    """A watch of ``root``'s folder directories on the running loop, closed afterwards, and what it reported."""
+    seen = Seen()
+    watch = inotify.MaildirWatch(root, seen.on_paths, seen.on_folders)
+    watch.start(asyncio.get_running_loop(), folder_dirs)
+    try:
+        yield seen, watch
+    finally:
+        watch.close()
+
+
 def test_files_in_cur_and_new_are_reported_and_tmp_is_not_watched(tmp_path: Path) -> None:
     root = maildir(tmp_path / "Maildir")
     maildir(root / ".Work")
 
     async def main() -> Seen:
-        seen = Seen()
-        watch = inotify.MaildirWatch(root, seen.on_paths, seen.on_folders)
-        watch.start(asyncio.get_running_loop(), ["", ".Work"])
-        try:
+        async with watching(root, ["", ".Work"]) as (seen, _watch):
             (root / "tmp" / "1.x").write_bytes(b"a delivery in progress")
             os.rename(root / "tmp" / "1.x", root / "new" / "1.x")  # only the arrival in new/ is news
             os.rename(root / "new" / "1.x", root / ".Work" / "cur" / "1.x:2,S")
             (root / ".Work" / "cur" / "1.x:2,S").unlink()
             (root / "cur" / ".hidden").write_bytes(b"not a message")
             await settle()
-        finally:
-            watch.close()
         return seen
 
     seen = asyncio.run(main())
@@ -65,10 +74,7 @@ def test_folder_directories_are_reported_and_watched_after_a_refresh(tmp_path: P
     root = maildir(tmp_path / "Maildir")
 
     async def main() -> tuple[Seen, int, int]:
-        seen = Seen()
-        watch = inotify.MaildirWatch(root, seen.on_paths, seen.on_folders)
-        watch.start(asyncio.get_running_loop(), [""])
-        try:
+        async with watching(root, [""]) as (seen, watch):
             maildir(root / ".Lists")
             (root / "crdtmail-expunged").mkdir()  # not a folder: no news
             await settle()
@@ -78,8 +84,6 @@ def test_folder_directories_are_reported_and_watched_after_a_refresh(tmp_path: P
             os.rename(root / ".Lists", root / ".Archive")
             await settle()
             renamed = seen.folder_events
-        finally:
-            watch.close()
         return seen, created, renamed
 
     seen, created, renamed = asyncio.run(main())
@@ -92,16 +96,11 @@ def test_a_refresh_drops_the_watches_of_folders_that_went_away(tmp_path: Path) -
     maildir(root / ".Old")
 
     async def main() -> Seen:
-        seen = Seen()
-        watch = inotify.MaildirWatch(root, seen.on_paths, seen.on_folders)
-        watch.start(asyncio.get_running_loop(), ["", ".Old"])
-        try:
+        async with watching(root, ["", ".Old"]) as (seen, watch):
             watch.refresh([""])
             (root / ".Old" / "new" / "3.z").write_bytes(b"mail")
             (root / "new" / "4.z").write_bytes(b"mail")
             await settle()
-        finally:
-            watch.close()
         return seen
 
     assert asyncio.run(main()).paths == [str(root / "new" / "4.z")]

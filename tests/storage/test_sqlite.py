@@ -169,6 +169,15 @@ def _mail(n: int) -> bytes:
             f"From: a@example.org\r\nSubject: fold {n}\r\n\r\nbody {n}\r\n").encode()
 
 
+def _folded(store: SqliteStore, count: int) -> tuple[Mailbox, list[str], str]:
+    """Mailbox "m" of ``store`` with ``count`` messages of one shard, its logs folded: the box, the ids, the shard."""
+    box = Mailbox("m", store.backend("m"))
+    with box.batch():
+        ids = [box.add(_mail(n)).message_id for n in range(count)]
+    store.backend("m").fold_logs()
+    return box, ids, box.rows([ids[0]])[ids[0]].shard
+
+
 def test_a_fold_from_the_live_document_keeps_everything_and_drops_history(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,11 +324,7 @@ def test_fold_logs_leaves_one_snapshot_per_document_and_the_same_mailbox(tmp_pat
 def test_a_flag_change_does_not_rewrite_the_shards_snapshot(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     with SqliteStore.open(path) as store:
-        box = Mailbox("m", store.backend("m"))
-        with box.batch():
-            ids = [box.add(_mail(n)).message_id for n in range(2000)]
-        store.backend("m").fold_logs()
-        shard = box.rows([ids[0]])[ids[0]].shard
+        box, ids, shard = _folded(store, 2000)
         snapshot_bytes = store._query("SELECT snapshot_bytes FROM documents WHERE name = ?", (shard,))[0][0]
         assert snapshot_bytes > 300_000
         wal = Path(f"{path}-wal")
@@ -336,12 +341,9 @@ def test_a_flag_change_does_not_rewrite_the_shards_snapshot(tmp_path: Path) -> N
 def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     with SqliteStore.open(path) as store:
-        box = Mailbox("m", store.backend("m"))
-        ids = [box.add(_mail(n)).message_id for n in range(6)]
-        store.backend("m").fold_logs()
+        box, ids, shard = _folded(store, 6)
         box.set_flags(ids[1], add=["\\Flagged"])  # a log row beside the snapshot
         expected = _placements(box)
-        shard = box.rows([ids[0]])[ids[0]].shard
     # What schema 1 looked like: the snapshots inside the documents table.
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("UPDATE documents SET snapshot = (SELECT data FROM snapshots"
@@ -360,10 +362,7 @@ def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Pat
 def test_a_snapshot_a_schema_1_process_folds_after_the_upgrade_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     with SqliteStore.open(path) as store:
-        box = Mailbox("m", store.backend("m"))
-        first = box.add(_mail(1)).message_id
-        store.backend("m").fold_logs()
-        shard = box.rows([first])[first].shard
+        _box, (first,), shard = _folded(store, 1)
     # A schema-1 process that read no snapshot (it looks in documents) adds a message and folds: its snapshot
     # lands in the old column and lacks the first message.
     other = Mailbox("m", MemoryBackend())
