@@ -171,6 +171,42 @@ def test_a_slow_reader_is_closed_and_memory_stays_bounded() -> None:
     assert result["max_pending"] <= limits.max_pending_send_bytes
 
 
+@pytest.mark.timeout(30)
+def test_a_frame_goes_to_the_socket_at_once_and_order_holds_when_the_socket_is_full() -> None:
+    """A send with nothing queued is written before send returns (no wait for the writer task); once the
+    socket's buffer is full, frames queue, and every one arrives, in order."""
+    frame_count, frame_size = 64, 256 * 1024
+    result: dict[str, Any] = {}
+
+    async def sender(link: Link) -> None:
+        link.send(b"first")
+        result["pending_after_first"] = link.pending_bytes
+        await asyncio.sleep(0.2)  # the reader has the first frame; now fill the socket faster than it reads
+        for n in range(frame_count):
+            assert link.send(n.to_bytes(4, "big") * (frame_size // 4))
+            result["max_pending"] = max(result.get("max_pending", 0), link.pending_bytes)
+        await link.close()
+
+    async def main() -> None:
+        server = await serve_links(sender, authenticate=authenticate)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                               additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                               max_queue=1, max_size=None, compression=None) as websocket:
+                assert await asyncio.wait_for(websocket.recv(), 5) == b"first"
+                await asyncio.sleep(0.5)  # not reading: the server's socket buffer fills
+                frames = [await asyncio.wait_for(websocket.recv(), 5) for _ in range(frame_count)]
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert [int.from_bytes(frame[:4], "big") for frame in frames] == list(range(frame_count))
+        assert all(len(frame) == frame_size for frame in frames)
+
+    asyncio.run(main())
+    assert result["pending_after_first"] == 0  # written, not queued
+    assert result["max_pending"] > frame_size  # and later ones did queue behind a full socket
+
+
 def test_backoff_grows_jittered_and_capped() -> None:
     async def noop(link: Link) -> None:
         return None
