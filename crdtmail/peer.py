@@ -1,8 +1,9 @@
 """The peer: the one place that glues a replica's mailboxes, its store and the sync sessions of its links.
 
 A local change is sent to every connected peer that shares the mailbox; a remote update is applied (its origin
-is the connection it came from), committed, and relayed to every other connected peer, never back to its
-source. So a chain A - B - C converges with no A - C link.
+is the connection it came from), relayed to every other connected peer, never back to its source, and
+committed. So a chain A - B - C converges with no A - C link. Updates leave before they are committed here
+(``Mailbox.observe_updates``): the commit costs more than the hop.
 
 Endpoints: ``/sync`` speaks crdtmail's multiplexed protocol (docs/protocol.md); ``/<mailbox>/<document>``
 speaks plain y-websocket for one document, so a stock Yjs client can sync a shard.
@@ -208,10 +209,16 @@ class _Session:
             self.syncs[name] = sync
             sync.start()
 
+    def on_update(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
+        sync = self.syncs.get(mailbox)
+        if sync is not None and origin is not self.connection:
+            sync.send_updates(((document, update),))
+            self.flush()
+
     def on_change(self, mailbox: str, change: MailboxChange) -> None:
+        # The updates went out before the commit (on_update); what is left is asking for the new bodies.
         sync = self.syncs.get(mailbox)
         if sync is not None:
-            sync.on_change(change)
             if change.origin is self.connection and change.added and self.peer.bodies.fetch:
                 # The peer that sent the new messages has their bodies.
                 # In bulk: a shard's initial sync adds thousands of messages in one change.
@@ -300,12 +307,9 @@ class _YSession:
         finally:
             self.peer.y_sessions.discard(self)
 
-    def on_change(self, mailbox: str, change: MailboxChange) -> None:
-        if mailbox != self.mailbox_name or change.origin is self:
-            return
-        for document, update in change.updates:
-            if document == self.document:
-                self.link.send(encode_y_websocket_sync(SyncType.UPDATE, update))
+    def on_update(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
+        if mailbox == self.mailbox_name and document == self.document and origin is not self:
+            self.link.send(encode_y_websocket_sync(SyncType.UPDATE, update))
 
 
 class Peer:
@@ -339,15 +343,21 @@ class Peer:
         mailbox = self._mailboxes.get(name)
         if mailbox is None:
             mailbox = self.replica.mailbox(name, create=True)
-            mailbox.observe(functools.partial(self._relay, name))
+            mailbox.observe_updates(functools.partial(self._relay, name))
+            mailbox.observe(functools.partial(self._committed, name))
             self._mailboxes[name] = mailbox
         return mailbox
 
-    def _relay(self, mailbox: str, change: MailboxChange) -> None:
+    def _relay(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
+        # Before the commit: a hop costs less than writing the rows and the SQLite transaction.
+        for session in list(self.sessions):
+            session.on_update(mailbox, document, update, origin)
+        for y_session in list(self.y_sessions):
+            y_session.on_update(mailbox, document, update, origin)
+
+    def _committed(self, mailbox: str, change: MailboxChange) -> None:
         for session in list(self.sessions):
             session.on_change(mailbox, change)
-        for y_session in list(self.y_sessions):
-            y_session.on_change(mailbox, change)
 
     def accepts_document(self, name: str) -> bool:
         """Whether a document is synced with peers: every mailbox document, within the sync window if any."""

@@ -177,6 +177,7 @@ class _Pending:
     added_envelopes: dict[str, Envelope] = field(default_factory=dict)  # for MailboxChange.envelopes
     documents: set[str] = field(default_factory=set)
     origins: list[Any] = field(default_factory=list)
+    unannounced: list[tuple[str, bytes, Any]] = field(default_factory=list)  # for observe_updates, in order
 
 
 class _Shard:
@@ -248,6 +249,7 @@ class Mailbox:
         self._backend = backend
         self._shards: dict[str, _Shard] = {}
         self._observers: list[Callable[[MailboxChange], None]] = []
+        self._update_observers: list[Callable[[str, bytes, Any], None]] = []
         self._pending = _Pending()
         self._batch_depth = 0
         self._remote_origin: Any = None
@@ -293,6 +295,7 @@ class Mailbox:
             if update == _EMPTY_UPDATE:
                 return
             self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
+            self._pending.unannounced.append((doc_name, update, LOCAL))
             self._pending.documents.add(doc_name)
 
         self._subscriptions.setdefault(doc_name, []).append((doc, doc.observe(on_transaction)))
@@ -426,6 +429,17 @@ class Mailbox:
         self._pending = _Pending()
         if not (pending.updates or pending.touched or pending.folders_changed or pending.blobs):
             return
+        try:
+            # Peers get the updates before the disk does: the rows and the SQLite commit below take longer than
+            # the hop itself. Nothing is lost if this process dies before committing: the peers hold the update,
+            # and the next sync brings it back (a document reloaded from the store gets a new client id).
+            for document, update, origin in pending.unannounced:
+                for update_observer in list(self._update_observers):
+                    update_observer(document, update, origin)
+        finally:
+            self._commit_pending(pending)
+
+    def _commit_pending(self, pending: _Pending) -> None:
         batch = CommitBatch(blobs=pending.blobs, encode_document=self._encode_for_fold)
         vectors = {name: self._state_vector(name) for name in {update.doc_name for update in pending.updates}}
         for update in pending.updates:
@@ -489,6 +503,16 @@ class Mailbox:
         """Call ``callback`` after every committed change; returns a function that unsubscribes it."""
         self._observers.append(callback)
         return lambda: self._observers.remove(callback)
+
+    def observe_updates(self, callback: Callable[[str, bytes, Any], None]) -> Callable[[], None]:
+        """Call ``callback(document, update, origin)`` for every update as soon as it is in memory, before it
+        is committed (``observe`` sees it after); returns a function that unsubscribes it.
+
+        For passing updates on to peers without waiting for the disk. The callback runs in the middle of a
+        commit: it must not read or change this mailbox.
+        """
+        self._update_observers.append(callback)
+        return lambda: self._update_observers.remove(callback)
 
     # ------------------------------------------------------------------------------------- derived index
 
@@ -1068,6 +1092,7 @@ class Mailbox:
             # also stops an update from circling a loop of peers.
             return
         self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
+        self._pending.unannounced.append((doc_name, update, origin))
         self._pending.documents.add(doc_name)
 
     def _watch_roots(self, doc_name: str) -> None:

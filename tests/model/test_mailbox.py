@@ -246,6 +246,39 @@ def test_remote_updates_apply_and_fire_events_with_origin() -> None:
         b.apply_update("index", outbox[0][1], origin=LOCAL)
 
 
+def test_updates_are_announced_before_their_commit_with_their_origin(backend: MailboxBackend) -> None:
+    """observe_updates sees each update before the store has it (a peer sends it on without waiting for the
+    disk), then observe sees the committed change with the same bytes; a duplicate is announced to no one."""
+    a, b = Mailbox("m", MemoryBackend()), Mailbox("m", backend)
+    b.apply_update("index", a.encode_document("index"), origin="a")
+    announced: list[tuple[str, bytes, object, bytes | None]] = []
+    committed: list[tuple[str, bytes]] = []
+
+    def on_update(document: str, update: bytes, origin: object) -> None:
+        announced.append((document, update, origin, backend.state_vector(document)))
+
+    b.observe_updates(on_update)
+    b.observe(lambda change: committed.extend(change.updates))
+    outbox: list[tuple[str, bytes]] = []
+    a.observe(lambda change: outbox.extend(change.updates))
+    mid = a.add(make_raw()).message_id
+    a.set_flags(mid, add=["seen"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    assert [(d, u) for d, u, _, _ in announced] == committed == outbox
+    assert all(origin == "a" for _, _, origin, _ in announced)
+    # At the announcement the store did not have the update yet: its state vector was the one from before.
+    shard = next(d for d, _ in outbox if d != "index")
+    stored_before = [vector for d, _, _, vector in announced if d == shard]
+    assert stored_before[0] is None and stored_before[1] != backend.state_vector(shard)
+    announced.clear()
+    b.apply_update(*outbox[-1], origin="someone-else")  # the same bytes again, by another path
+    assert announced == []
+    b.observe_updates(on_update)()  # subscribed and unsubscribed again: called once, not twice
+    b.set_flags(mid, add=["flagged"])
+    assert [(origin, d) for d, _, origin, _ in announced] == [(LOCAL, shard)]
+
+
 def test_updates_out_of_order_are_held_until_they_apply(backend: MailboxBackend) -> None:
     a = Mailbox("m", MemoryBackend())
     b = Mailbox("m", backend)
