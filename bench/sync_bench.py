@@ -1,7 +1,8 @@
 """One-hop sync latency: a flag change on one peer until it is applied (and committed) on another.
 
 Two processes on 127.0.0.1. The sender makes a change every ``--interval`` ms and notes the monotonic clock
-just before; the receiver notes it when the change is committed on its side (CLOCK_MONOTONIC is one clock for
+just before; the receiver notes when the update is applied in its memory and relayed on (the headline figure,
+what a Yjs peer measures) and when it is committed to its store after that (CLOCK_MONOTONIC is one clock for
 every process on Linux). Beside it, the floor: raw websockets messages between two processes, measured the
 same way, so the figures can be read against what one hop costs in Python on this machine.
 """
@@ -114,21 +115,30 @@ async def _peer_sender(data_dir: Path, count: int, interval: float, out: Path) -
 
 
 async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out: Path, ready: Path) -> None:
+    from crdtmail.model.mailbox import LOCAL
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
 
     replica = Replica.open(data_dir)
     peer = Peer(replica, bodies=False)
     box = peer.mailbox("default")
-    times: list[int] = []
+    times: list[int] = []  # committed here
+    applied: list[int] = []  # in memory and relayed on (before the commit)
+    applied_at = [0]
     done = asyncio.Event()
+
+    def on_update(document: str, update: bytes, origin: Any) -> None:
+        if origin is not LOCAL:
+            applied_at[0] = time.monotonic_ns()
 
     def on_change(change: Any) -> None:
         if not change.is_local and change.changed:
             times.append(time.monotonic_ns())
+            applied.append(applied_at[0])
             if len(times) == count:
                 done.set()
 
+    box.observe_updates(on_update)
     box.observe(on_change)
     dialer = peer.dial(f"ws://127.0.0.1:{port}/sync", token, ["default"])
     task = asyncio.create_task(dialer.run())
@@ -145,6 +155,7 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
         await session.link.close()
     await task
     out.write_text(json.dumps(times))
+    out.with_suffix(".applied").write_text(json.dumps(applied))
 
 
 async def _peer_relay(data_dir: Path, upstream_port: int, token: str) -> None:
@@ -213,6 +224,7 @@ async def _peer_node(config_path: Path) -> None:
     """
     import threading
 
+    from crdtmail.model.mailbox import LOCAL
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
 
@@ -221,15 +233,21 @@ async def _peer_node(config_path: Path) -> None:
     peer = Peer(replica, bodies=False, oldest_shard=config.get("oldest_shard"))
     box = peer.mailbox("default")
     keyword = config.get("keyword", "$BenchToggle")
-    received: list[tuple[int, list[str]]] = []
+    received: list[tuple[int, list[str], int]] = []  # (committed at, message ids, applied at)
     sent: list[tuple[int, str]] = []
     last_arrival = [time.monotonic()]
+    applied_at = [0]
+
+    def on_update(document: str, update: bytes, origin: Any) -> None:
+        if origin is not LOCAL:
+            applied_at[0] = time.monotonic_ns()  # in memory and passed on to the other links; commit follows
 
     def on_change(change: Any) -> None:
         if not change.is_local and change.changed:
-            received.append((time.monotonic_ns(), sorted(change.changed)))
+            received.append((time.monotonic_ns(), sorted(change.changed), applied_at[0]))
             last_arrival[0] = time.monotonic()
 
+    box.observe_updates(on_update)  # after the peer's own: the time it was relayed on
     box.observe(on_change)
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -299,13 +317,13 @@ async def _peer_node(config_path: Path) -> None:
             deadline = time.monotonic() + float(command.get("timeout", 60))
             wanted = int(command.get("changes", 0))
             while time.monotonic() < deadline:
-                arrived = sum(len(ids) for _, ids in received)
+                arrived = sum(len(ids) for _, ids, _ in received)
                 if wanted and arrived >= wanted:
                     break
                 if time.monotonic() - last_arrival[0] > float(command.get("quiet_s", 1.0)):
                     break
                 await asyncio.sleep(0.01)
-            emit(arrived=sum(len(ids) for _, ids in received))
+            emit(arrived=sum(len(ids) for _, ids, _ in received))
         elif kind == "dump":  # hand over (and forget) what was sent and received since the last dump
             Path(command["path"]).write_text(json.dumps({"sent": sent, "received": received}))
             sent, received = [], []
@@ -451,8 +469,10 @@ class Node:
                 self.process.wait(timeout=10)
 
 
-def match_latencies(sent: list[list[Any]], received: dict[str, list[list[Any]]]) -> tuple[list[float], int]:
-    """Per change sent, the latency in ms until the last of the receivers applied it; and how many were lost.
+def match_latencies(sent: list[list[Any]], received: dict[str, list[list[Any]]], *,
+                    committed: bool = False) -> tuple[list[float], int]:
+    """Per change sent, the latency in ms until the last of the receivers applied it (in memory, and relayed
+    on), or with ``committed`` until it was committed there too; and how many were lost.
 
     Changes to one message are matched in order (first send to first arrival); the sender cycles through every
     message, so two changes to one message are hundreds of changes apart and never arrive in one update.
@@ -465,8 +485,9 @@ def match_latencies(sent: list[list[Any]], received: dict[str, list[list[Any]]])
         for index, (_, message_id) in enumerate(sent):
             pending[message_id].append(index)
         times: list[int | None] = [None] * len(sent)
-        for at, message_ids in records:
-            for message_id in message_ids:
+        for record in records:
+            at = record[0] if committed or len(record) < 3 else record[2]
+            for message_id in record[1]:
                 queue_ = pending.get(message_id)
                 if queue_ and sent[queue_[0]][0] <= at:
                     times[queue_.popleft()] = at
@@ -591,8 +612,10 @@ class Network:
             path = self.work / f"{self.nodes[i].name}.records.json"
             self.nodes[i].command("dumped", cmd="dump", path=str(path))
             records[i] = json.loads(path.read_text())
-        latencies, lost = match_latencies(records[sender]["sent"], {str(r): records[r]["received"] for r in receivers})
-        return {"latencies_ms": latencies, "lost": lost, "sent": sending["sent"],
+        received = {str(r): records[r]["received"] for r in receivers}
+        latencies, lost = match_latencies(records[sender]["sent"], received)
+        committed, _ = match_latencies(records[sender]["sent"], received, committed=True)
+        return {"latencies_ms": latencies, "committed_latencies_ms": committed, "lost": lost, "sent": sending["sent"],
                 "send_seconds": sending["seconds"],
                 "offered_per_s": round(1000 / interval_ms) if interval_ms else None,
                 "achieved_per_s": round((sending["sent"] - 1) / sending["seconds"]) if sending["seconds"] else None}
@@ -863,7 +886,8 @@ def run(args: argparse.Namespace) -> int:
                       work / "peer-sent.ready")
     receiver.wait(timeout=600)
     sender.wait(timeout=60)
-    one_hop = _summary(_pair_latencies(work / "peer-sent.json", work / "peer-recv.json", warmup))
+    one_hop = _summary(_pair_latencies(work / "peer-sent.json", work / "peer-recv.applied", warmup))
+    one_hop_committed = _summary(_pair_latencies(work / "peer-sent.json", work / "peer-recv.json", warmup))
 
     # The other direction: the dialing peer (a phone) changes a flag, the listening one (a desktop) applies it.
     with Network(work / "reverse", 2, [(1, 0)]) as net:
@@ -890,7 +914,8 @@ def run(args: argparse.Namespace) -> int:
     sender.wait(timeout=60)
     relay.kill()
     relay.wait(timeout=10)
-    two_hops = _summary(_pair_latencies(work / "relay-sent.json", work / "relay-recv.json", warmup))
+    two_hops = _summary(_pair_latencies(work / "relay-sent.json", work / "relay-recv.applied", warmup))
+    two_hops_committed = _summary(_pair_latencies(work / "relay-sent.json", work / "relay-recv.json", warmup))
 
     reconnect = _reconnect(work, 200 if args.quick else 1000)
     initial = _initial_sync(work) if not args.quick else {"skipped": "--quick"}
@@ -903,21 +928,25 @@ def run(args: argparse.Namespace) -> int:
         "warmup": warmup,
         "floor_raw_websockets": floor,
         "one_hop_flag_change": one_hop,
+        "one_hop_committed": one_hop_committed,
         "one_hop_dialer_to_listener": one_hop_reverse,
         "two_hops_through_a_relay": two_hops,
+        "two_hops_committed": two_hops_committed,
         "reconnect_after_offline_changes": reconnect,
         "initial_sync_100k": initial,
         "targets": {"one_hop_p50_ms": 0.2, "one_hop_p99_ms": 0.5, "two_hops_p50_ms": 0.35,
                     "reconnect_after_1000_changes_s": 0.1},
-        "note": "one hop = set_flags committed on A until the update is applied and committed on B",
+        "note": "one hop = set_flags called on A until the update is applied on B (in memory, relayed on); "
+                "committed = until B's store commit after it",
     }
     path = write_results("sync", results)
     print(
         f"floor (raw websockets, one way): p50 {floor['p50_ms']:.3f} ms, p99 {floor['p99_ms']:.3f} ms; "
         f"one-hop flag change: p50 {one_hop['p50_ms']:.3f} ms, p99 {one_hop['p99_ms']:.3f} ms, "
-        f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples); the other way: p50 "
+        f"max {one_hop['max_ms']:.2f} ms ({one_hop['samples']} samples), committed p50 "
+        f"{one_hop_committed['p50_ms']:.3f} ms, p99 {one_hop_committed['p99_ms']:.3f} ms; the other way: p50 "
         f"{one_hop_reverse['p50_ms']:.3f} ms, p99 {one_hop_reverse['p99_ms']:.3f} ms; "
-        f"two hops: p50 {two_hops['p50_ms']:.3f} ms, "
+        f"two hops: p50 {two_hops['p50_ms']:.3f} ms (committed {two_hops_committed['p50_ms']:.3f} ms), "
         f"p99 {two_hops['p99_ms']:.3f} ms; reconnect after {reconnect['changes_each_side']} offline changes on "
         f"each side of a {reconnect['mailbox_messages']}-message mailbox: {reconnect['seconds'] * 1000:.0f} ms, "
         f"{reconnect['bytes_sent'] + reconnect['bytes_received']} bytes; initial sync of 100k: {initial}\nwrote {path}"
