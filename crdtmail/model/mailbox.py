@@ -261,6 +261,7 @@ class Mailbox:
         # memory while one is subscribed (measured: 28 MB a 5 MB shard, never returned).
         self._subscriptions: dict[str, list[tuple[Doc[Any] | Map[Any], Subscription]]] = {}
         self._bulk_document: str | None = None
+        self._drop_after_commit: set[str] = set()  # shards that arrived whole, to unload once committed
         self._hold_depth = 0  # inside batch(hold_transactions=True)
         self._held_transactions: dict[str, Transaction] = {}  # shard -> its open LOCAL transaction
         self._index_doc: Doc[Any] = self._rebuild(INDEX_DOC)
@@ -388,7 +389,10 @@ class Mailbox:
             # Commit even when the operation failed part-way: whatever reached the documents must be durable
             # before anything else happens, or memory and disk would disagree.
             if self._batch_depth == 0:
-                self._commit()
+                try:
+                    self._commit()
+                finally:
+                    self._drop_arrivals()
 
     @contextmanager
     def batch(self, *, hold_transactions: bool = False) -> Iterator[None]:
@@ -1056,11 +1060,21 @@ class Mailbox:
                 for entry in ready:
                     waiting.remove(entry)
                     self._integrate(doc_name, doc, entry[0], entry[1], whole=False)
-        if arrived_whole and not self._held.get(doc_name):
-            # A shard that arrived whole (an initial sync's history) is committed now; kept in memory, every shard
-            # of the mailbox would be at once (385 MB for a 100k-message initial sync). It reloads when needed.
-            self._drop_if_idle(doc_name)
+        if arrived_whole:
+            # A shard that arrived whole (an initial sync's history) is dropped once committed; kept in memory,
+            # every shard of the mailbox would be at once (385 MB for a 100k-message initial sync). It reloads
+            # when needed. Inside a batch that is when the batch ends.
+            self._drop_after_commit.add(doc_name)
+            self._drop_arrivals()
         return True
+
+    def _drop_arrivals(self) -> None:
+        if self._batch_depth:
+            return
+        while self._drop_after_commit:
+            name = self._drop_after_commit.pop()
+            if not self._held.get(name):
+                self._drop_if_idle(name)
 
     def _integrate(self, doc_name: str, doc: Doc[Any], update: bytes, origin: Any, *, whole: bool) -> None:
         """Apply one remote update; ``whole``: the document was empty (a shard arriving whole)."""

@@ -550,6 +550,23 @@ def test_rows_after_a_big_remote_change_match_a_recomputation(backend: MailboxBa
     assert (ids[7] in changes[-1].expunged) is with_expunge
 
 
+def test_shards_arriving_whole_in_a_batch_are_dropped_when_it_commits(backend: MailboxBackend) -> None:
+    source = Mailbox("m", MemoryBackend())
+    ids = [source.add(make_raw(f"month {month}", date=f"06 {month} 2026 10:00:00 +0000")).message_id
+           for month in ("Jan", "Feb", "Mar")]
+    shards = sorted({row.shard for row in source.rows(ids).values()})
+    replica = Mailbox("m", backend)
+    changes = recorded(replica)
+    with replica.batch():  # a burst of frames applied under one commit
+        replica.apply_update("index", source.encode_document("index"), origin="peer")
+        for shard in shards:
+            replica.apply_update(shard, source.encode_document(shard), origin="peer")
+        assert replica.loaded_shards() == shards and not changes  # nothing committed yet
+    assert len(changes) == 1 and changes[0].added == set(ids)
+    assert replica.loaded_shards() == []  # committed, then let go
+    assert {m.id for m in replica.all_messages()} == set(ids)
+
+
 def test_a_dropped_shard_is_freed_with_its_observers(backend: MailboxBackend) -> None:
     import gc
     import weakref
