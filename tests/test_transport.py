@@ -207,6 +207,69 @@ def test_a_frame_goes_to_the_socket_at_once_and_order_holds_when_the_socket_is_f
     assert result["max_pending"] > frame_size  # and later ones did queue behind a full socket
 
 
+@pytest.mark.timeout(30)
+def test_frames_that_arrived_together_come_as_one_batch_in_order() -> None:
+    batches: list[list[bytes]] = []
+    done = asyncio.Event()
+
+    async def burst(link: Link) -> None:
+        for n in range(40):
+            link.send(n.to_bytes(2, "big") * 50)
+        await link.wait_closed()
+
+    async def main() -> None:
+        server = await serve_links(burst, authenticate=authenticate)
+        try:
+            async def client(link: Link) -> None:
+                await asyncio.sleep(0.3)  # let the burst arrive
+                async for batch in link.frame_batches(max_frames=16):
+                    batches.append(batch)
+                    if sum(map(len, batches)) == 40:
+                        done.set()
+                        return
+
+            dialer = Dialer(f"ws://127.0.0.1:{port_of(server)}/sync", TOKEN, client)
+            task = asyncio.create_task(dialer.run())
+            await asyncio.wait_for(done.wait(), 10)
+            dialer.stop()
+            await asyncio.wait_for(task, 10)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    frames = [frame for batch in batches for frame in batch]
+    assert frames == [n.to_bytes(2, "big") * 50 for n in range(40)]
+    assert max(map(len, batches)) == 16  # taken together, up to the cap
+    assert len(batches) < 40
+
+
+@pytest.mark.timeout(30)
+def test_a_text_frame_in_a_batch_closes_the_link_after_the_binary_ones_before_it() -> None:
+    received: list[bytes] = []
+
+    async def reader(link: Link) -> None:
+        await asyncio.sleep(0.2)  # both frames have arrived: they come as one batch
+        async for batch in link.frame_batches():
+            received.extend(batch)
+
+    async def main() -> None:
+        server = await serve_links(reader, authenticate=authenticate)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                               additional_headers={"Authorization": f"Bearer {TOKEN}"}) as websocket:
+                await websocket.send(b"binary first")
+                await websocket.send("then text")
+                await asyncio.wait_for(websocket.wait_closed(), 5)
+                assert websocket.close_code == 1003
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert received == [b"binary first"]
+
+
 def test_backoff_grows_jittered_and_capped() -> None:
     async def noop(link: Link) -> None:
         return None
