@@ -124,18 +124,18 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
     box = peer.mailbox("default")
     times: list[int] = []  # committed here
     applied: list[int] = []  # in memory and relayed on (before the commit)
-    applied_at = [0]
     done = asyncio.Event()
 
     def on_update(document: str, update: bytes, origin: Any) -> None:
-        if origin is not LOCAL:
-            applied_at[0] = time.monotonic_ns()
+        # One update per change, also when a burst of them is applied under one commit.
+        if origin is not LOCAL and document != "index":
+            applied.append(time.monotonic_ns())
 
     def on_change(change: Any) -> None:
         if not change.is_local and change.changed:
-            times.append(time.monotonic_ns())
-            applied.append(applied_at[0])
-            if len(times) == count:
+            now = time.monotonic_ns()
+            times.extend([now] * (len(applied) - len(times)))
+            if len(times) >= count:
                 done.set()
 
     box.observe_updates(on_update)
@@ -145,6 +145,8 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
     while not any("default" in s.synced for s in peer.sessions):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # let a relay in between finish its own sync first
+    applied.clear()  # the initial sync's updates
+    times.clear()
     ready.write_text("ready")
     try:
         await asyncio.wait_for(done.wait(), timeout=max(60.0, count * 0.01))
@@ -154,8 +156,8 @@ async def _peer_receiver(data_dir: Path, port: int, token: str, count: int, out:
     for session in list(peer.sessions):
         await session.link.close()
     await task
-    out.write_text(json.dumps(times))
-    out.with_suffix(".applied").write_text(json.dumps(applied))
+    out.write_text(json.dumps(times[:count]))
+    out.with_suffix(".applied").write_text(json.dumps(applied[:count]))
 
 
 async def _peer_relay(data_dir: Path, upstream_port: int, token: str) -> None:

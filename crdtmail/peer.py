@@ -12,6 +12,7 @@ speaks plain y-websocket for one document, so a stock Yjs client can sync a shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -139,9 +140,15 @@ class _Session:
             if self.connection.role is Role.CLIENT:
                 self.connection.send_hello(self.peer.peer_id, self.wanted)
                 self.flush()
-            async for frame in self.link.frames():
-                self.connection.receive_data(frame)
-                self.handle_events()
+            async for frames in self.link.frame_batches():
+                # A burst that arrived together is applied under one commit per mailbox (relayed at that commit):
+                # a peer that fell behind catches up instead of paying a commit per update.
+                with self._one_commit() if len(frames) > 1 else contextlib.nullcontext():
+                    for frame in frames:
+                        self.connection.receive_data(frame)
+                        self.handle_events()
+                        if not self.connection.is_open and self.connection.close_code is not None:
+                            break
                 self.flush()
                 if not self.connection.is_open and self.connection.close_code is not None:
                     break
@@ -150,6 +157,12 @@ class _Session:
                 self.handle_events()
         finally:
             self.peer.sessions.discard(self)
+
+    def _one_commit(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for name in self.syncs:
+            stack.enter_context(self.peer.mailbox(name).batch())
+        return stack
 
     def handle_events(self) -> None:
         for event in self.connection.events_received():

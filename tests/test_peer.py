@@ -316,3 +316,40 @@ def test_a_body_answered_missing_is_asked_for_again(tmp_path: Path) -> None:
     asyncio.run(main())
     desktop_replica.close()
     phone_replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_of_updates_is_applied_under_few_commits_and_converges(tmp_path: Path) -> None:
+    """Updates that arrive together are applied under one commit (and relayed at it), not one commit each; the
+    result is the same, and every update is still announced on its own."""
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desk_box = desktop_replica.mailbox("default", create=True)
+    ids = [desk_box.add(make_raw(f"burst {n}")).message_id for n in range(20)]
+    phone_replica = Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False)
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
+        phone_box = phone.mailbox("default")
+        await until(lambda: any("default" in s.synced for s in phone.sessions))
+        commits: list[int] = []
+        announced: list[str] = []
+        phone_box.observe(lambda change: commits.append(len(change.changed)) if not change.is_local else None)
+        phone_box.observe_updates(lambda document, update, origin: announced.append(document))
+        # One synchronous burst: every frame is on the socket before the phone's side of the loop runs.
+        for message_id in ids:
+            desk_box.set_flags(message_id, add=["flagged"])
+        await until(lambda: sum(commits) == len(ids))
+        assert len(commits) < len(ids)  # batched: fewer commits than updates
+        assert len(announced) == len(ids)
+        assert snapshot(phone_box) == snapshot(desk_box)
+        assert all(phone_box.message(m).flags == {"\\Flagged"} for m in ids)
+        await hang_up(dialer, task, phone, server)
+
+    asyncio.run(main())
+    # The commits were durable: a fresh open sees every flag.
+    phone_replica.close()
+    with Replica.open(tmp_path / "phone") as reopened:
+        box = reopened.mailbox("default")
+        assert all(box.message(m).flags == {"\\Flagged"} for m in ids)
+    desktop_replica.close()
