@@ -225,7 +225,7 @@ class _Session:
     def on_update(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
         sync = self.syncs.get(mailbox)
         if sync is not None and origin is not self.connection:
-            sync.send_updates(((document, update),))
+            sync.on_update(document, update, origin)
             self.flush()
 
     def on_change(self, mailbox: str, change: MailboxChange) -> None:

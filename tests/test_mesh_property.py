@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdtmail.errors import ExpungedMessageError, ModelError
-from crdtmail.model.mailbox import Mailbox, MailboxChange, is_document_name
+from crdtmail.model.mailbox import Mailbox, is_document_name
 from crdtmail.model.message import parse_message
 from crdtmail.protocol.session import HelloReceived, MailboxSource, MailboxSync, Role, SyncConnection, Welcomed
 from crdtmail.storage.memory import MemoryBackend
@@ -38,9 +38,10 @@ class Node:
     mailbox: Mailbox
     syncs: list[MailboxSync] = field(default_factory=list)
 
-    def relay(self, change: MailboxChange) -> None:
+    def relay(self, document: str, update: bytes, origin: object) -> None:
+        # As the peer does it: each update goes on as soon as it is applied, before its commit.
         for sync in list(self.syncs):
-            sync.on_change(change)
+            sync.on_update(document, update, origin)
 
 
 @dataclass(eq=False)
@@ -108,7 +109,7 @@ def run(peers: int, ops: list[tuple[str, int, int, int]], seed: int) -> None:
     rng = random.Random(seed)
     nodes = [Node(i, Mailbox("m", MemoryBackend())) for i in range(peers)]
     for node in nodes:
-        node.mailbox.observe(node.relay)
+        node.mailbox.observe_updates(node.relay)
     links: dict[tuple[int, int], Link] = {}
     last_expunge: dict[str, int] = {}
     last_redeliver: dict[str, int] = {}

@@ -884,8 +884,8 @@ class MailboxSync:
        what it lacks and nothing travels twice.
     3. A step 1 from the peer is answered with a step 2 diff; a step 2 or update is applied with the connection
        as origin. An update held back for missing dependencies triggers a step 1 for its document.
-    4. After sync, ``on_change`` forwards committed local (and relayed) changes as updates, never echoing a
-       change back to the connection it came from.
+    4. After sync, ``on_update`` (as each update is applied) or ``on_change`` (after each commit) forwards
+       local and relayed changes as updates, never echoing a change back to the connection it came from.
 
     Relaying makes the same update bytes reach a peer over several paths, and in a mesh with a cycle they
     would go round it for ever (a Mailbox reports a duplicate it applied as a change like any other). So each
@@ -973,6 +973,12 @@ class MailboxSync:
         if change.origin is self.connection:
             return
         self.send_updates(change.updates)
+
+    def on_update(self, doc: str, update: bytes, origin: object) -> None:
+        """Forward one update as soon as it is applied (``Mailbox.observe_updates``), unless it came from this
+        connection; a peer that relays this way need not wait for its own commit."""
+        if origin is not self.connection:
+            self.send_updates(((doc, update),))
 
     def send_updates(self, updates: Iterable[tuple[str, bytes]]) -> None:
         """Send updates to the peer; ignored before ``start`` (the catalog covers them) or once closing."""

@@ -538,12 +538,18 @@ def test_full_sync_of_two_mailboxes() -> None:
     assert pair.client.state is State.OPEN  # the connection stays open for live updates
 
 
-def test_incremental_mailbox_updates_are_relayed_without_echo() -> None:
+@pytest.mark.parametrize("forward", ["on_change", "on_update"])
+def test_incremental_mailbox_updates_are_relayed_without_echo(forward: str) -> None:
+    """Forwarded after each commit (on_change) or as each update is applied (on_update): the same frames."""
     a, b = make_mailbox(), make_mailbox()
     message = a.add(make_raw("hello")).message_id
     pair, client, server = sync_mailboxes(a, b)
-    a.observe(client.syncs["alice"].on_change)
-    b.observe(server.syncs["alice"].on_change)
+    if forward == "on_change":
+        a.observe(client.syncs["alice"].on_change)
+        b.observe(server.syncs["alice"].on_change)
+    else:
+        a.observe_updates(client.syncs["alice"].on_update)
+        b.observe_updates(server.syncs["alice"].on_update)
     pair.wire.clear()
     a.set_flags(message, add=["\\Seen"])
     pair.pump()
