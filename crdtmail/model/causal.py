@@ -39,14 +39,21 @@ class _Reader:
         return value
 
     def varuint(self) -> int:
+        # Inlined rather than through byte(): every update a peer receives is read here before it is applied.
+        data, pos = self.data, self.pos
+        end = min(len(data), pos + _MAX_VARUINT_BYTES)
         result = 0
         shift = 0
-        for _ in range(_MAX_VARUINT_BYTES):
-            value = self.byte()
+        while pos < end:
+            value = data[pos]
+            pos += 1
             result |= (value & 0x7F) << shift
             if value < 0x80:
+                self.pos = pos
                 return result
             shift += 7
+        if pos - self.pos < _MAX_VARUINT_BYTES:  # the bytes ran out before the integer ended
+            raise UpdateDecodeError("update truncated")
         raise UpdateDecodeError("variable-length integer too long")
 
     def skip_varint(self) -> None:

@@ -1041,14 +1041,15 @@ class Mailbox:
             raise ModelError(f"{doc_name!r} is not a document of a mailbox")
         self._release_transactions()  # a remote origin cannot join a held LOCAL transaction
         doc = self._index_doc if doc_name == INDEX_DOC else self._load_shard(doc_name).doc
-        if check_causality and missing_dependencies(update, decode_state_vector(doc.get_state())):
+        state_before = doc.get_state()
+        if check_causality and missing_dependencies(update, decode_state_vector(state_before)):
             held = self._held.setdefault(doc_name, [])
             if len(held) >= MAX_HELD_UPDATES:
                 # The oldest is dropped, not lost: the state-vector exchange of the next sync brings it again.
                 held.pop(0)
             held.append((update, origin))
             return False
-        arrived_whole = doc_name != INDEX_DOC and doc.get_state() == _EMPTY_STATE_VECTOR
+        arrived_whole = doc_name != INDEX_DOC and state_before == _EMPTY_STATE_VECTOR
         with self._operation():
             self._integrate(doc_name, doc, update, origin, whole=arrived_whole)
             waiting = self._held.get(doc_name)
