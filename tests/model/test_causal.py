@@ -101,3 +101,20 @@ def test_truncated_updates_are_rejected() -> None:
     for cut in range(len(update)):
         with pytest.raises(UpdateDecodeError):
             decode_shape(update[:cut])
+
+
+@pytest.mark.parametrize(("data", "value"), [
+    (b"\x00", 0), (b"\x05", 5), (b"\xac\x02", 300), (b"\xff\xff\xff\xff\xff\xff\xff\x7f", (1 << 56) - 1),
+])
+def test_state_vector_varints_decode(data: bytes, value: int) -> None:
+    # A state vector of one client: count 1, then client and clock, both the varint under test.
+    assert decode_state_vector(b"\x01" + data + data) == {value: value}
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    (b"\x01\x80", "truncated"), (b"\x01", "truncated"), (b"\x01" + b"\xff" * 7, "truncated"),
+    (b"\x01" + b"\xff" * 8, "too long"), (b"\x01" + b"\xff" * 9, "too long"),
+])
+def test_bad_varints_say_what_is_wrong(data: bytes, error: str) -> None:
+    with pytest.raises(UpdateDecodeError, match=error):
+        decode_state_vector(data)
