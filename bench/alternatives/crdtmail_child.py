@@ -10,8 +10,9 @@ The mapping onto crdtmail: a room is a mailbox on the serving peer; a client tha
 peer of its own (a fresh data directory under SCRATCH) that dials the server for that mailbox, so a change goes
 A -> serving peer (which commits it and relays it) -> B, the alternatives' A -> room server -> B. A key of
 ``set``/``take`` is one flag change: the n-th key a client is given toggles the keyword ``$BenchToggle`` on the
-(n mod 200)-th message of the ``latency`` mailbox, and B notes the time at which its replica has committed a
-remote change of that message (a ``MailboxChange`` observer). ``sync`` is a fresh peer syncing a whole
+(n mod 200)-th message of the ``latency`` mailbox, and B notes the time at which its replica applied a remote
+change of that message (``Mailbox.observe_updates``, just before B commits it), as the alternatives' clients
+note when their document has it. ``sync`` is a fresh peer syncing a whole
 mailbox: the time from dialing until the mailbox is in sync and committed, as the suite's initial_sync.
 
 A room ``sync-<N>`` holds the N sample messages of the alternatives' documents, which give each message a
@@ -40,6 +41,7 @@ from bench.alternatives.pyws_child import (
     exit_when_stdin_closes,
     tcp_bytes,
 )
+from crdtmail.model.mailbox import LOCAL
 
 KEYWORD = "$BenchToggle"
 LATENCY_ROOM = "latency"
@@ -180,6 +182,7 @@ class Client(CommandClient):
         self.taken_count = 0
         self.arrivals: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
         self.arrived = asyncio.Event()
+        self.applied_at = 0
 
     def _member(self, room: str) -> Member:
         return Member(Path(tempfile.mkdtemp(prefix=f"{room}-", dir=self.scratch)), room, self.mode)
@@ -189,6 +192,7 @@ class Client(CommandClient):
         peer holds every room's mailbox already, see ``prepare_server``)."""
         member = self._member(room)
         if observe:
+            member.mailbox.observe_updates(self._on_update)
             member.mailbox.observe(self._on_change)
         session = await member.link(url, self.token, 120)
         self.members[room] = member
@@ -201,10 +205,14 @@ class Client(CommandClient):
         complete = room_size(member.room) if messages == self.held.get(member.room) else messages
         return {"entries": complete, "messages": messages}
 
+    def _on_update(self, document: str, update: bytes, origin: Any) -> None:
+        if origin is not LOCAL:
+            self.applied_at = time.monotonic_ns()  # in B's document (as theirs measure); the commit follows
+
     def _on_change(self, change: Any) -> None:
         if change.is_local or not change.changed:
             return
-        now = time.monotonic_ns()
+        now = self.applied_at or time.monotonic_ns()
         for message_id in change.changed:
             self.arrivals[message_id].append(now)
         self.arrived.set()
