@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,6 +23,15 @@ def authenticate(token: str) -> Any:
 
 def port_of(server: Any) -> int:
     return int(server.sockets[0].getsockname()[1])
+
+
+async def dial_until(server: Any, client: Callable[[Link], Awaitable[None]], done: asyncio.Event) -> None:
+    """Dial ``server`` with a valid token, hand the link to ``client``, and stop once ``done`` is set."""
+    dialer = Dialer(f"ws://127.0.0.1:{port_of(server)}/sync", TOKEN, client)
+    task = asyncio.create_task(dialer.run())
+    await asyncio.wait_for(done.wait(), 10)
+    dialer.stop()
+    await asyncio.wait_for(task, 10)
 
 
 async def echo(link: Link) -> None:
@@ -46,11 +56,7 @@ def test_frames_both_ways_with_a_valid_token() -> None:
                         done.set()
                         return
 
-            dialer = Dialer(f"ws://127.0.0.1:{port_of(server)}/sync", TOKEN, client)
-            task = asyncio.create_task(dialer.run())
-            await asyncio.wait_for(done.wait(), 10)
-            dialer.stop()
-            await asyncio.wait_for(task, 10)
+            await dial_until(server, client, done)
             assert received == [b"echo:" + bytes([n]) * 1000 for n in range(100)]
         finally:
             server.close()
@@ -228,11 +234,7 @@ def test_frames_that_arrived_together_come_as_one_batch_in_order() -> None:
                         done.set()
                         return
 
-            dialer = Dialer(f"ws://127.0.0.1:{port_of(server)}/sync", TOKEN, client)
-            task = asyncio.create_task(dialer.run())
-            await asyncio.wait_for(done.wait(), 10)
-            dialer.stop()
-            await asyncio.wait_for(task, 10)
+            await dial_until(server, client, done)
         finally:
             server.close()
             await server.wait_closed()
