@@ -73,7 +73,10 @@ class _Reader:
         return self.data[start : self.pos]
 
     def varstring(self) -> str:
-        return self.bytes(self.varuint()).decode("utf-8", "surrogatepass")
+        try:
+            return self.bytes(self.varuint()).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as exc:
+            raise UpdateDecodeError(f"a string in the update is not UTF-8: {exc.reason}") from None
 
     def skip_varstring(self) -> None:
         self.skip(self.varuint())

@@ -118,3 +118,10 @@ def test_state_vector_varints_decode(data: bytes, value: int) -> None:
 def test_bad_varints_say_what_is_wrong(data: bytes, error: str) -> None:
     with pytest.raises(UpdateDecodeError, match=error):
         decode_state_vector(data)
+
+
+def test_a_string_that_is_not_utf8_is_a_decode_error() -> None:
+    # One client, one struct: a string item (kind 4, with an origin) whose 8 bytes end in a stray 0x80.
+    data = b"\x01\x01\x00\x00\x84\x00\x00\x08\x00\x00\x00\x00\x00\x00\x00\x80"
+    with pytest.raises(UpdateDecodeError, match="not UTF-8"):
+        decode_shape(data)
