@@ -907,8 +907,12 @@ class Mailbox:
         to_add = {normalise_flag(flag) for flag in add}
         to_remove = {normalise_flag(flag) for flag in remove} - to_add
         shard = self._shard_of(message_id)
-        current = shard.flags_of(message_id)
-        changes = [(flag, True) for flag in to_add - current] + [(flag, False) for flag in to_remove & current]
+        # Only the keys this call may change are read: every read is a pycrdt transaction, and a mailbox with
+        # many keywords would pay one per keyword in use.
+        prefix = message_id + _FLAG_SEPARATOR
+        flags = shard.flags
+        changes = [(flag, True) for flag in sorted(to_add) if flags.get(prefix + flag) is not True]
+        changes += [(flag, False) for flag in sorted(to_remove) if flags.get(prefix + flag) is True]
         if not changes:
             return False
         with self._operation(), shard.doc.transaction(origin=LOCAL):

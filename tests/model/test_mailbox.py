@@ -95,6 +95,21 @@ def test_move_delete_and_flags(mailbox: Mailbox) -> None:
     assert [r.message_id for r in mailbox.list_folder("Trash")] == [mid]
 
 
+def test_set_flags_changes_only_what_differs_among_many_keywords(mailbox: Mailbox) -> None:
+    mid = mailbox.add(make_raw(), flags=["seen"]).message_id
+    other = mailbox.add(make_raw("other"), flags=[f"$K{n}" for n in range(12)]).message_id  # keywords in use
+    changes = recorded(mailbox)
+    assert not mailbox.set_flags(mid, add=["seen"], remove=["$K3", "flagged"])  # all as asked already
+    assert changes == []
+    assert mailbox.set_flags(mid, add=["$K3", "seen"], remove=["seen"])  # add wins over remove of the same
+    assert mailbox.message(mid).flags == {"$K3", "\\Seen"}
+    assert mailbox.set_flags(mid, add=["$K4"], remove=["$K3", "$K5"])
+    assert mailbox.message(mid).flags == {"$K4", "\\Seen"}
+    assert mailbox.rows([mid])[mid].flags == ("$K4", "\\Seen")
+    assert mailbox.message(other).flags == {f"$K{n}" for n in range(12)}
+    assert len(changes) == 2
+
+
 def test_envelopes_in_bulk_skip_expunged_and_unknown_ids(mailbox: Mailbox) -> None:
     ids = [mailbox.add(make_raw(f"bulk {n}")).message_id for n in range(5)]
     mailbox.expunge(ids[0])
