@@ -294,6 +294,42 @@ def test_updates_are_announced_before_their_commit_with_their_origin(backend: Ma
     assert [(origin, d) for d, _, origin, _ in announced] == [(LOCAL, shard)]
 
 
+def test_an_update_sent_before_a_commit_that_never_happened_comes_back(tmp_path: Path) -> None:
+    """The peer sends an update before committing it; if the process dies in between, the replica restarts
+    without it, gets it back from the peer that has it, and its next changes do not reuse its clocks."""
+    store = SqliteStore.open(tmp_path / "a.sqlite3")
+    a, b = Mailbox("m", store.backend("m")), Mailbox("m", MemoryBackend())
+    mid = a.add(make_raw("kept")).message_id
+    for document in a.document_names():
+        b.apply_update(document, a.encode_document(document), origin="a")
+    a.observe_updates(lambda document, update, origin: b.apply_update(document, update, origin="a"))
+
+    def crash(batch: CommitBatch) -> None:
+        raise RuntimeError("the process died before its commit")
+
+    a._backend.commit = crash  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        a.set_flags(mid, add=["flagged"])
+    assert b.message(mid).flags == {"\\Flagged"}  # the peer got it before the commit failed
+    store.close()
+    store = SqliteStore.open(tmp_path / "a.sqlite3")
+    restarted = Mailbox("m", store.backend("m"))
+    assert restarted.message(mid).flags == set()  # not on disk here
+    # A change made before the next sync: had it reused the lost update's client id and clock, the peer would
+    # take it for the update it already has and drop it.
+    outbox: list[tuple[str, bytes]] = []
+    restarted.observe_updates(lambda document, update, origin: outbox.append((document, update)))
+    restarted.set_flags(mid, add=["seen"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    assert b.message(mid).flags == {"\\Flagged", "\\Seen"}
+    for document in b.document_names():  # the next sync
+        diff = b.encode_document(document, restarted.document_state_vector(document))
+        restarted.apply_update(document, diff, origin="b")
+    assert restarted.message(mid).flags == {"\\Flagged", "\\Seen"}
+    store.close()
+
+
 def test_updates_out_of_order_are_held_until_they_apply(backend: MailboxBackend) -> None:
     a = Mailbox("m", MemoryBackend())
     b = Mailbox("m", backend)
