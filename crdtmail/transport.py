@@ -160,22 +160,18 @@ class Link:
             self._pending_bytes = 0
 
     async def frames(self) -> AsyncIterator[bytes]:
-        """The binary frames the peer sends, until the link closes. A text frame closes the link."""
-        try:
-            async for message in self.websocket:
-                if isinstance(message, str):
-                    await self.close(1003, "crdtmail speaks binary frames only")
-                    return
-                yield message
-        except ConnectionClosed:
-            return
+        """The binary frames the peer sends, one at a time, until the link closes (``frame_batches``, unbatched)."""
+        async for batch in self.frame_batches():
+            for frame in batch:
+                yield frame
 
     async def frame_batches(self, *, max_frames: int = 64, max_bytes: int = 256 * 1024) -> AsyncIterator[list[bytes]]:
-        """Like ``frames``, but each step yields every frame that has already arrived (at least one; at most
-        ``max_frames``, and no more once ``max_bytes`` are reached), so a busy peer can handle a burst as one.
+        """The binary frames the peer sends, until the link closes; a text frame closes the link (after the binary
+        frames before it are given).
 
-        Taking the frames after the first never waits: one whose arrival would take a wait is left for the
-        next step.
+        Each step yields every frame that has already arrived (at least one; at most ``max_frames``, and no more
+        once ``max_bytes`` are reached), so a busy peer can handle a burst as one. Taking the frames after the
+        first never waits: one whose arrival would take a wait is left for the next step.
         """
         waiting: Coroutine[Any, Any, Data] | None = None
         pending_on: Any = None
