@@ -164,7 +164,7 @@ class AddResult:
 class _Pending:
     """Changes made since the last commit, keyed by document."""
 
-    updates: list[DocumentUpdate] = field(default_factory=list)
+    updates: list[tuple[str, bytes, Any]] = field(default_factory=list)  # (document, update, origin), in order
     touched: dict[str, set[str]] = field(default_factory=dict)  # shard -> affected message ids
     added: set[str] = field(default_factory=set)
     changed: set[str] = field(default_factory=set)
@@ -177,7 +177,6 @@ class _Pending:
     added_envelopes: dict[str, Envelope] = field(default_factory=dict)  # for MailboxChange.envelopes
     documents: set[str] = field(default_factory=set)
     origins: list[Any] = field(default_factory=list)
-    unannounced: list[tuple[str, bytes, Any]] = field(default_factory=list)  # for observe_updates, in order
 
 
 class _Shard:
@@ -295,8 +294,7 @@ class Mailbox:
             update = event.update
             if update == _EMPTY_UPDATE:
                 return
-            self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
-            self._pending.unannounced.append((doc_name, update, LOCAL))
+            self._pending.updates.append((doc_name, update, LOCAL))
             self._pending.documents.add(doc_name)
 
         self._subscriptions.setdefault(doc_name, []).append((doc, doc.observe(on_transaction)))
@@ -437,7 +435,7 @@ class Mailbox:
             # Peers get the updates before the disk does: the rows and the SQLite commit below take longer than
             # the hop itself. Nothing is lost if this process dies before committing: the peers hold the update,
             # and the next sync brings it back (a document reloaded from the store gets a new client id).
-            for document, update, origin in pending.unannounced:
+            for document, update, origin in pending.updates:
                 for update_observer in list(self._update_observers):
                     update_observer(document, update, origin)
         finally:
@@ -445,10 +443,10 @@ class Mailbox:
 
     def _commit_pending(self, pending: _Pending) -> None:
         batch = CommitBatch(blobs=pending.blobs, encode_document=self._encode_for_fold)
-        vectors = {name: self._state_vector(name) for name in {update.doc_name for update in pending.updates}}
-        for update in pending.updates:
+        vectors = {name: self._state_vector(name) for name in {document for document, _, _ in pending.updates}}
+        for document, update, _ in pending.updates:
             # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
-            batch.updates.append(DocumentUpdate(update.doc_name, update.update, vectors[update.doc_name]))
+            batch.updates.append(DocumentUpdate(document, update, vectors[document]))
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
             # A big remote change (a whole shard arriving) reads each map once instead of once per message.
@@ -480,7 +478,7 @@ class Mailbox:
             moved=frozenset((pending.moved & visible) - added),
             expunged=frozenset((pending.expunged | pending.added) & batch.rows_delete),
             folders_changed=pending.folders_changed,
-            updates=tuple((update.doc_name, update.update) for update in pending.updates),
+            updates=tuple((document, update) for document, update, _ in pending.updates),
             envelopes={message_id: envelope for message_id, envelope in pending.added_envelopes.items()
                        if message_id in added},
         )
@@ -1110,8 +1108,7 @@ class Mailbox:
             # Everything in it was here already (a relay brought it twice): nothing to store or pass on, which
             # also stops an update from circling a loop of peers.
             return
-        self._pending.updates.append(DocumentUpdate(doc_name, update, b""))
-        self._pending.unannounced.append((doc_name, update, origin))
+        self._pending.updates.append((doc_name, update, origin))
         self._pending.documents.add(doc_name)
 
     def _watch_roots(self, doc_name: str) -> None:
