@@ -224,8 +224,8 @@ class _Session:
 
     def on_update(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
         sync = self.syncs.get(mailbox)
-        if sync is not None and origin is not self.connection:
-            sync.on_update(document, update, origin)
+        if sync is not None:
+            sync.on_update(document, update, origin)  # nothing goes back to the link it came from
             self.flush()
 
     def on_change(self, mailbox: str, change: MailboxChange) -> None:
