@@ -94,6 +94,13 @@ class MailboxBackend(Protocol):
         """
         ...
 
+    def fold_document(self, doc_name: str) -> bytes | None:
+        """Fold the document's stored updates into one snapshot, durably, and return it (None if never stored).
+
+        For a full answer to a peer that has nothing of a document: merged once, it is one read from then on.
+        """
+        ...
+
     def document_names(self) -> list[str]:
         """Every stored document of this mailbox."""
         ...

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, MapEvent, Subscription, Transaction, TransactionEvent, get_update
+from pycrdt import Doc, Map, MapEvent, Subscription, Transaction, TransactionEvent, get_update, merge_updates
 
 from crdtmail.errors import (
     AmbiguousMessageError,
@@ -37,6 +37,7 @@ from crdtmail.errors import (
     FolderExistsError,
     FolderNotEmptyError,
     ModelError,
+    StorageError,
     UnknownFolderError,
     UnknownMessageError,
 )
@@ -1023,6 +1024,16 @@ class Mailbox:
             if len(parts) == 1:
                 whole = parts[0]
                 return whole if state_vector in (None, _EMPTY_STATE_VECTOR) else get_update(whole, state_vector)
+            if state_vector in (None, _EMPTY_STATE_VECTOR):
+                # A snapshot and its log, for a peer that has nothing of the shard (an initial sync): Yrs merges
+                # them without building a document (half the time, and no memory kept), and the merge becomes
+                # the stored snapshot, so the next such answer is one read again.
+                try:
+                    return self._backend.fold_document(doc_name) or _EMPTY_UPDATE
+                except StorageError as exc:
+                    log.warning("mailbox %s: could not store the merged %s (%s); answering from memory",
+                                self.name, doc_name, exc)
+                    return merge_updates(*parts)
             # A snapshot and its log: rebuilding the document update by update beats merging them (and a
             # resync that asks for a diff usually brings changes to apply to it next).
             return self._load_shard(doc_name, parts).doc.get_update(state_vector)

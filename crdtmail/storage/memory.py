@@ -30,6 +30,10 @@ class MemoryBackend:
         self._documents[doc_name] = [merged]  # compaction, as the SQLite store does it
         return merged
 
+    def fold_document(self, doc_name: str) -> bytes | None:
+        """Everything committed for the document, merged into one update that replaces them."""
+        return self.load_document(doc_name)
+
     def load_document_parts(self, doc_name: str) -> list[bytes]:
         """Everything committed for the document, update by update."""
         return list(self._documents.get(doc_name, ()))

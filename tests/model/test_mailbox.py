@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -531,6 +532,61 @@ def test_a_shard_not_in_memory_is_served_from_the_store_without_loading_it(tmp_p
     assert ids[0] not in {m.id for m in source.all_messages()}
     assert {m.id: m.flags for m in fresh.all_messages()} == {m.id: m.flags for m in source.all_messages()}
     assert serving.encode_document("2001-01") == b"\x00\x00"  # a shard nobody has: an empty answer
+    store.close()
+
+
+def test_a_full_answer_of_a_shard_with_a_log_folds_it_without_loading_it(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    backend = store.backend("m")
+    source = Mailbox("m", backend)
+    ids = [source.add(make_raw(f"fold-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(4)]
+    shard = source.rows([ids[0]])[ids[0]].shard
+    backend.fold_logs()
+    source.set_flags(ids[0], add=["\\Flagged"])
+    source.expunge(ids[1])
+    assert len(backend.load_document_parts(shard)) == 3  # a snapshot and a log of two updates
+    serving = Mailbox("m", backend)
+    answer = serving.encode_document(shard, b"\x00")  # a peer with nothing of it
+    assert serving.loaded_shards() == []
+    assert backend.load_document_parts(shard) == [answer]  # the merge is the snapshot now, the log is gone
+    fresh = Mailbox("m", MemoryBackend())
+    fresh.apply_update("index", serving.encode_document("index"), origin="peer")
+    fresh.apply_update(shard, answer, origin="peer")
+    assert {m.id: m.flags for m in fresh.all_messages()} == {m.id: m.flags for m in source.all_messages()}
+    assert {m.id for m in fresh.all_messages()} == {ids[0], ids[2], ids[3]}
+    # The writer that still holds the shard keeps logging on top of the new snapshot, and nothing is lost.
+    source.set_flags(ids[2], add=["\\Seen"])
+    reopened = Mailbox("m", backend)
+    assert "\\Seen" in reopened.message(ids[2]).flags and "\\Flagged" in reopened.message(ids[0]).flags
+    again = Mailbox("m", MemoryBackend())
+    again.apply_update(shard, serving.encode_document(shard, b"\x00"), origin="peer")  # folded once more
+    assert len(backend.load_document_parts(shard)) == 1
+    assert {m.id: m.flags for m in again.all_messages()} == {m.id: m.flags for m in reopened.all_messages()}
+    store.close()
+
+
+def test_a_full_answer_is_merged_in_memory_when_the_store_cannot_take_the_fold(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    backend = store.backend("m")
+    source = Mailbox("m", backend)
+    ids = [source.add(make_raw(f"locked-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(3)]
+    shard = source.rows([ids[0]])[ids[0]].shard
+    backend.fold_logs()
+    source.set_flags(ids[0], add=["\\Flagged"])
+    store._connection.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(tmp_path / "store.sqlite3")
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        answer = Mailbox("m", backend).encode_document(shard, b"\x00")
+    finally:
+        other.rollback()
+        other.close()
+    assert "answering from memory" in caplog.text
+    assert len(backend.load_document_parts(shard)) == 2  # nothing was written
+    fresh = Mailbox("m", MemoryBackend())
+    fresh.apply_update(shard, answer, origin="peer")
+    assert {m.id: m.flags for m in fresh.all_messages()} == {m.id: m.flags for m in source.all_messages()}
     store.close()
 
 
