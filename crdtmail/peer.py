@@ -27,7 +27,7 @@ from websockets.asyncio.server import Server
 
 from crdtmail.auth import Device, DeviceRegistry
 from crdtmail.config import RemotePeer
-from crdtmail.errors import ModelError, ProtocolError
+from crdtmail.errors import CrdtmailError, ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import INDEX_DOC, UNDATED, Mailbox, MailboxChange, is_document_name
 from crdtmail.model.message import Envelope
@@ -157,6 +157,8 @@ class _Session:
                 self.handle_events()
         finally:
             self.peer.sessions.discard(self)
+            for name in self.syncs:  # a sync cut short may have stored shards too
+                self.peer.index_soon(name)
 
     def _one_commit(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -196,6 +198,7 @@ class _Session:
                         self.synced.add(follow_up.mailbox)
                         self.last_sync = time.time()
                         log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
+                        self.peer.index_soon(follow_up.mailbox)
                         missing = self.peer.missing_body_sizes(follow_up.mailbox)
                         self.want_bodies(sorted(missing), sizes={h: n for h, n in missing.items() if n is not None})
 
@@ -342,6 +345,7 @@ class Peer:
         self.y_sessions: set[_YSession] = set()
         self.dialers: list[Dialer] = []
         self._mailboxes: dict[str, Mailbox] = {}
+        self._indexing: dict[str, asyncio.Task[None]] = {}
         self.body_sources: list[BodySource] = []
         # Called with each body's hash once it is stored (a desktop then delivers the message to its Maildir).
         self.body_listeners: list[Callable[[str], None]] = []
@@ -371,6 +375,33 @@ class Peer:
     def _committed(self, mailbox: str, change: MailboxChange) -> None:
         for session in list(self.sessions):
             session.on_change(mailbox, change)
+
+    def index_soon(self, mailbox: str) -> None:
+        """Build the listing rows of the shards that arrived whole in a sync (``Mailbox.index_pending``) in the
+        background, a shard per turn of the event loop, so links keep being served meanwhile."""
+        if mailbox in self._indexing or not self.mailbox(mailbox).unindexed_shards():
+            return
+        task = asyncio.get_running_loop().create_task(self._index(mailbox))
+        self._indexing[mailbox] = task
+        task.add_done_callback(lambda _: self._indexing.pop(mailbox, None))
+
+    async def _index(self, name: str) -> None:
+        mailbox = self.mailbox(name)
+        started = time.perf_counter()
+        indexed = 0
+        try:
+            while True:
+                await asyncio.sleep(0)
+                done = mailbox.index_pending(limit=1)
+                if not done:
+                    break
+                indexed += len(done)
+        except CrdtmailError as exc:
+            log.error("mailbox %s: building the listing of %s failed: %s; it is built when the mailbox is next "
+                      "read or opened", name, ", ".join(mailbox.unindexed_shards()), exc)
+            return
+        log.info("mailbox %s: listed the messages of %d shards that arrived whole, in %.2f s", name, indexed,
+                 time.perf_counter() - started)
 
     def accepts_document(self, name: str) -> bool:
         """Whether a document is synced with peers: every mailbox document, within the sync window if any."""

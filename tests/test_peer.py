@@ -353,3 +353,32 @@ def test_a_burst_of_updates_is_applied_under_few_commits_and_converges(tmp_path:
         box = reopened.mailbox("default")
         assert all(box.message(m).flags == {"\\Flagged"} for m in ids)
     desktop_replica.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Path) -> None:
+    """An initial sync stores each shard as it arrives; the peer then builds their listing rows in the
+    background, newest month first, and tells observers of every message it listed, with the link as origin."""
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desk_box = desktop_replica.mailbox("default", create=True)
+    ids = [desk_box.add(make_raw(f"month {n}", date=f"02 {month} 2026 10:00:00 +0000")).message_id
+           for n, month in enumerate(["Sep", "Oct", "Nov"] * 4)]
+    phone_replica = Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False)
+        phone_box = phone.mailbox("default")
+        listed: list[tuple[frozenset[str], object]] = []
+        phone_box.observe(lambda change: listed.append((change.added, change.origin)) if change.added else None)
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
+        await until(lambda: any("default" in s.synced for s in phone.sessions) and not phone_box.unindexed_shards())
+        assert set().union(*(added for added, _ in listed)) == set(ids)
+        session = next(iter(phone.sessions))
+        assert all(origin is session.connection for _, origin in listed)
+        assert phone_box.loaded_shards() == []  # stored and listed without keeping any shard in memory
+        assert phone_box.counts() == desk_box.counts() and phone_box.repair_index() == []
+        await hang_up(dialer, task, phone, server)
+
+    asyncio.run(main())
+    desktop_replica.close()
+    phone_replica.close()

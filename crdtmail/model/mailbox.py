@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, MapEvent, Subscription, Transaction, TransactionEvent, get_update, merge_updates
+from pycrdt import Doc, Map, MapEvent, Subscription, Transaction, TransactionEvent, get_state, get_update, merge_updates
 
 from crdtmail.errors import (
     AmbiguousMessageError,
@@ -178,6 +178,9 @@ class _Pending:
     added_envelopes: dict[str, Envelope] = field(default_factory=dict)  # for MailboxChange.envelopes
     documents: set[str] = field(default_factory=set)
     origins: list[Any] = field(default_factory=list)
+    # Shards that arrived whole and are stored as they came, without building their documents (see
+    # Mailbox._store_whole): name -> (the update, its state vector).
+    stored_whole: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 class _Shard:
@@ -224,6 +227,12 @@ def _map_dict(root: Map[Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _newest_first(shard_names: Iterable[str]) -> list[str]:
+    """Month shards newest first ("YYYY-MM" sorts by date), then the undated one."""
+    names = set(shard_names)
+    return sorted(names - {UNDATED}, reverse=True) + ([UNDATED] if UNDATED in names else [])
+
+
 def _flags_by_message(shard: _Shard) -> dict[str, set[str]]:
     """Each message's set flags, from one read of the flags map; the shard's flag caches learn every key on the
     way (cleared flags too: ``flag_keys_of`` must find every key, and a shard that arrived whole has no others)."""
@@ -262,6 +271,10 @@ class Mailbox:
         self._subscriptions: dict[str, list[tuple[Doc[Any] | Map[Any], Subscription]]] = {}
         self._bulk_document: str | None = None
         self._drop_after_commit: set[str] = set()  # shards that arrived whole, to unload once committed
+        # Shards stored as they arrived whose rows are not built yet -> the origin they came from; and the
+        # changes their indexing announces at the next commit (see _store_whole and index_pending).
+        self._unindexed: dict[str, Any] = {}
+        self._indexed_changes: list[MailboxChange] = []
         self._hold_depth = 0  # inside batch(hold_transactions=True)
         self._held_transactions: dict[str, Transaction] = {}  # shard -> its open LOCAL transaction
         self._index_doc: Doc[Any] = self._rebuild(INDEX_DOC)
@@ -307,10 +320,19 @@ class Mailbox:
             return shard
         if not is_shard_name(name):
             raise ModelError(f"{name!r} is not a shard name (expected YYYY-MM or 'undated')")
+        if name in self._pending.stored_whole:
+            self._commit()  # it is in the store once committed, and loads from there
+            parts = None
         doc = self._rebuild(name, parts)
         shard = _Shard(name, doc)
         self._watch(name, doc)
         self._shards[name] = shard
+        if name in self._unindexed:
+            try:
+                self._index_shard(shard)  # before anything changes it: a commit writes rows only for what changed
+            except BaseException:
+                self._forget(name)  # not indexed: loaded again, it is indexed again
+                raise
         return shard
 
     def _rebuild(self, doc_name: str, parts: list[bytes] | None = None) -> Doc[Any]:
@@ -431,6 +453,7 @@ class Mailbox:
         pending = self._pending
         self._pending = _Pending()
         if not (pending.updates or pending.touched or pending.folders_changed or pending.blobs):
+            self._announce_indexed()
             return
         try:
             # Peers get the updates before the disk does: the rows and the SQLite commit below take longer than
@@ -444,7 +467,8 @@ class Mailbox:
 
     def _commit_pending(self, pending: _Pending) -> None:
         batch = CommitBatch(blobs=pending.blobs, encode_document=self._encode_for_fold)
-        vectors = {name: self._state_vector(name) for name in {document for document, _, _ in pending.updates}}
+        vectors = {name: pending.stored_whole[name][1] if name in pending.stored_whole else self._state_vector(name)
+                   for name in {document for document, _, _ in pending.updates}}
         for document, update, _ in pending.updates:
             # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
             batch.updates.append(DocumentUpdate(document, update, vectors[document]))
@@ -468,6 +492,9 @@ class Mailbox:
                     batch.rows_delete.discard(message_id)
             batch.indexed_shards[shard_name] = shard.doc.get_state()
         self._backend.commit(batch)
+        for document, _, document_origin in pending.updates:
+            if document in pending.stored_whole:
+                self._unindexed[document] = document_origin
         origin = pending.origins[0] if pending.origins else LOCAL
         visible = set(batch.rows_upsert)
         added = (pending.added & visible) - pending.expunged
@@ -483,8 +510,15 @@ class Mailbox:
             envelopes={message_id: envelope for message_id, envelope in pending.added_envelopes.items()
                        if message_id in added},
         )
+        self._announce_indexed()  # the messages of shards indexed meanwhile, before any change to them
         for observer in list(self._observers):
             observer(change)
+
+    def _announce_indexed(self) -> None:
+        while self._indexed_changes:
+            change = self._indexed_changes.pop(0)
+            for observer in list(self._observers):
+                observer(change)
 
     def _encode_for_fold(self, doc_name: str) -> bytes | None:
         """A document's whole state for the store to fold its log into (None when it is not in memory).
@@ -599,7 +633,9 @@ class Mailbox:
         return rows, set(messages) | set(expunged)
 
     def repair_index(self) -> list[str]:
-        """Rebuild the derived rows of every shard whose rows are missing or stale; returns the shards rebuilt."""
+        """Rebuild the derived rows of every shard whose rows are missing or stale; returns the shards rebuilt
+        (shards stored whole in a sync are indexed first, as ``index_pending`` does, and are not among them)."""
+        self._ensure_indexed()
         indexed = self._backend.indexed_state_vectors()
         stored = set(self._backend.document_names())
         stale = sorted(
@@ -616,6 +652,47 @@ class Mailbox:
         if stale:
             log.info("mailbox %s: rebuilt the derived index of %s", self.name, ", ".join(stale))
         return stale
+
+    def unindexed_shards(self) -> list[str]:
+        """Shards stored as they arrived whose listing rows are not built yet (``index_pending`` builds them)."""
+        return _newest_first([*self._unindexed, *self._pending.stored_whole])
+
+    def index_pending(self, limit: int | None = None) -> list[str]:
+        """Build the rows of shards that arrived whole (newest month first, at most ``limit`` of them) and tell
+        observers of their messages; returns the shards indexed.
+
+        A peer calls this once a sync is done; every read of the derived index calls it first, so no listing
+        ever misses a stored message.
+        """
+        if self._pending.stored_whole:
+            self._commit()
+        done: list[str] = []
+        for name in _newest_first(self._unindexed)[:limit]:
+            loaded = name in self._shards
+            self._load_shard(name)  # which indexes it
+            if not loaded:
+                self._drop_if_idle(name)
+            done.append(name)
+        if not self._batch_depth:
+            self._announce_indexed()
+        return done
+
+    def _ensure_indexed(self) -> None:
+        if self._unindexed or self._pending.stored_whole:
+            self.index_pending()
+
+    def _index_shard(self, shard: _Shard) -> None:
+        """Write the rows of a shard stored as it arrived; its messages are announced as added, with the origin
+        they came from, at the next commit (or by ``index_pending``)."""
+        envelopes: dict[str, Envelope] = {}
+        rows, _ = self._read_shard(shard, envelopes)
+        batch = CommitBatch(replace_shards={shard.name}, rows_upsert=rows)
+        batch.indexed_shards[shard.name] = shard.doc.get_state()
+        self._backend.commit(batch)
+        origin = self._unindexed.pop(shard.name)
+        self._indexed_changes.append(MailboxChange(
+            origin=origin, documents=frozenset({shard.name}), added=frozenset(rows), changed=frozenset(),
+            moved=frozenset(), expunged=frozenset(), folders_changed=False, updates=(), envelopes=envelopes))
 
     def _drop_if_idle(self, name: str) -> None:
         """Unload a shard loaded only for a read (or that arrived whole), to keep memory small."""
@@ -761,6 +838,7 @@ class Mailbox:
             raise FolderNotEmptyError(
                 f"folder {folder.path!r} has subfolders ({', '.join(c.path for c in children)}); delete them first"
             )
+        self._ensure_indexed()
         ids = self._backend.ids_in_folder(folder.id)
         if ids and not move_to_trash:
             raise FolderNotEmptyError(
@@ -834,6 +912,7 @@ class Mailbox:
         prefix = id_or_prefix.strip().lower()
         if not prefix:
             raise UnknownMessageError("an empty message id matches nothing; `crdtmail ls` shows ids")
+        self._ensure_indexed()
         matches = self._backend.find_ids(prefix, 2)
         if not matches:
             raise UnknownMessageError(f"no message with id {id_or_prefix!r}; `crdtmail ls` shows ids")
@@ -842,6 +921,7 @@ class Mailbox:
         return matches[0]
 
     def _shard_of(self, message_id: str) -> _Shard:
+        self._ensure_indexed()
         shard_name = self._backend.locate(message_id)
         if shard_name is None:
             for shard in self._shards.values():  # added in a batch not yet committed
@@ -873,6 +953,7 @@ class Mailbox:
     def envelopes(self, message_ids: Iterable[str]) -> dict[str, Envelope]:
         """The envelopes of the visible messages among ``message_ids`` (committed ones: their shards are looked
         up in the derived index a few hundred at a time, where ``message`` costs a look-up per message)."""
+        self._ensure_indexed()
         rows = self._backend.rows(list(message_ids))
         found = {}
         for message_id, row in rows.items():
@@ -946,6 +1027,7 @@ class Mailbox:
 
         ``folder_id`` in a row is the effective folder: a message placed in a deleted folder shows in the trash.
         """
+        self._ensure_indexed()
         rows = self._backend.rows(list(message_ids))
         live = {folder.id for folder in self.folders()}
         trash = self.role_folder(TRASH)
@@ -959,7 +1041,11 @@ class Mailbox:
         live = {folder.id for folder in self.folders()}
         trash = self.role_folder(TRASH)
         return [row if row.folder_id in live else dataclasses.replace(row, folder_id=trash)
-                for row in self._backend.all_rows()]
+                for row in self._all_rows()]
+
+    def _all_rows(self) -> Iterable[IndexRow]:
+        self._ensure_indexed()
+        return self._backend.all_rows()
 
     def effective_folder(self, folder_id: str) -> str:
         """The folder a message placed in ``folder_id`` shows in (the trash when that folder was deleted)."""
@@ -977,10 +1063,12 @@ class Mailbox:
         folder_ids = [target.id]
         if target.role == TRASH:
             folder_ids.extend(self._orphan_folder_ids())
+        self._ensure_indexed()
         return self._backend.list_folder(folder_ids, max(0, offset), max(0, limit))
 
     def _orphan_folder_ids(self) -> list[str]:
         live = {folder.id for folder in self.folders()}
+        self._ensure_indexed()
         return [folder_id for folder_id in self._backend.folder_counts() if folder_id not in live]
 
     def counts(self) -> dict[str, FolderCount]:
@@ -988,6 +1076,7 @@ class Mailbox:
         live = {folder.id for folder in self.folders()}
         result = {folder_id: FolderCount(0, 0) for folder_id in live}
         trash = self.role_folder(TRASH)
+        self._ensure_indexed()
         for folder_id, count in self._backend.folder_counts().items():
             target = folder_id if folder_id in live else trash
             prior = result.get(target, FolderCount(0, 0))
@@ -998,7 +1087,7 @@ class Mailbox:
 
     def document_names(self) -> list[str]:
         """Every document this replica stores (the index first)."""
-        names = set(self._backend.document_names()) | set(self._shards) | {INDEX_DOC}
+        names = set(self._backend.document_names()) | set(self._shards) | set(self._pending.stored_whole) | {INDEX_DOC}
         return sorted(names, key=lambda name: (name != INDEX_DOC, name))
 
     def document_state_vector(self, doc_name: str) -> bytes:
@@ -1007,6 +1096,8 @@ class Mailbox:
             return self._index_doc.get_state()
         if doc_name in self._shards:
             return self._shards[doc_name].doc.get_state()
+        if doc_name in self._pending.stored_whole:
+            return self._pending.stored_whole[doc_name][1]
         return self._backend.state_vector(doc_name) or b"\x00"
 
     def encode_document(self, doc_name: str, state_vector: bytes | None = None) -> bytes:
@@ -1014,6 +1105,9 @@ class Mailbox:
         if doc_name == INDEX_DOC:
             return self._index_doc.get_update(state_vector)
         shard = self._shards.get(doc_name)
+        if doc_name in self._pending.stored_whole:  # arrived whole in a batch not committed yet
+            whole = self._pending.stored_whole[doc_name][0]
+            return whole if state_vector in (None, _EMPTY_STATE_VECTOR) else get_update(whole, state_vector)
         if shard is None and is_shard_name(doc_name):
             # Serving a shard this replica does not have in memory: the stored bytes answer without building a
             # document (for a peer that has nothing of it, they are the answer as they are), which keeps a
@@ -1053,6 +1147,10 @@ class Mailbox:
         if not is_document_name(doc_name):
             raise ModelError(f"{doc_name!r} is not a document of a mailbox")
         self._release_transactions()  # a remote origin cannot join a held LOCAL transaction
+        if (not check_causality and doc_name not in self._shards and doc_name not in self._pending.stored_whole
+                and is_shard_name(doc_name) and not self._held.get(doc_name)
+                and self._backend.state_vector(doc_name) is None and self._store_whole(doc_name, update, origin)):
+            return True
         doc = self._index_doc if doc_name == INDEX_DOC else self._load_shard(doc_name).doc
         state_before = doc.get_state()
         if check_causality and missing_dependencies(update, decode_state_vector(state_before)):
@@ -1080,6 +1178,25 @@ class Mailbox:
             # when needed. Inside a batch that is when the batch ends.
             self._drop_after_commit.add(doc_name)
             self._drop_arrivals()
+        return True
+
+    def _store_whole(self, doc_name: str, update: bytes, origin: Any) -> bool:
+        """Store a shard this replica has nothing of as it arrived (an initial sync's state diff), without building
+        its document; its rows are built after the sync (``index_pending``). False if there is nothing in it.
+
+        Building the document, reading its maps into rows and freeing it cost four times what the sync itself
+        does (a fresh replica of 100k messages: 3.6 s against 0.9). Yrs decodes the whole update to compute its
+        state vector, so a malformed one is refused here, before anything is stored.
+        """
+        state_vector = get_state(update)
+        if state_vector == _EMPTY_STATE_VECTOR:
+            return False  # a delete set alone, or nothing: the ordinary path decides
+        with self._operation():
+            pending = self._pending
+            pending.origins.append(origin)
+            pending.updates.append((doc_name, update, origin))
+            pending.documents.add(doc_name)
+            pending.stored_whole[doc_name] = (update, state_vector)
         return True
 
     def _drop_arrivals(self) -> None:

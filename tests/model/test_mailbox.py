@@ -715,3 +715,115 @@ def test_a_change_brings_the_envelopes_of_the_messages_it_adds(mailbox: Mailbox)
     # A flag change adds nothing and brings no envelope.
     mailbox.set_flags(ids[0], add=["\\Seen"])
     assert changes[-1].changed == {ids[0]} and dict(changes[-1].envelopes) == {}
+
+
+def _source_with_two_months(count: int = 4) -> tuple[Mailbox, list[str], list[str]]:
+    source = Mailbox("m", MemoryBackend())
+    november = [source.add(make_raw(f"nov-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(count)]
+    october = [source.add(make_raw(f"oct-{i}", date="02 Oct 2026 10:00:00 +0000")).message_id for i in range(count)]
+    source.set_flags(november[0], add=["\\Seen", "$Work"])
+    source.move(october[0], "Archive")
+    source.expunge(october[1])
+    return source, november, october
+
+
+def _receive_whole(target: Mailbox, source: Mailbox, origin: object = "peer") -> list[str]:
+    """What an initial sync does: every document as a state diff against the target's empty state."""
+    shards = [name for name in source.document_names() if name != "index"]
+    target.apply_update("index", source.encode_document("index", target.document_state_vector("index")), origin,
+                        check_causality=False)
+    for shard in shards:
+        target.apply_update(shard, source.encode_document(shard, target.document_state_vector(shard)), origin,
+                            check_causality=False)
+    return shards
+
+
+def test_a_shard_arriving_whole_is_stored_as_it_came_and_indexed_later(backend: MailboxBackend) -> None:
+    source, november, october = _source_with_two_months()
+    fresh = Mailbox("m", backend)
+    changes = recorded(fresh)
+    shards = _receive_whole(fresh, source)
+    assert fresh.loaded_shards() == [] and fresh.unindexed_shards() == ["2026-11", "2026-10"]
+    assert not any(change.added for change in changes)  # stored, not listed yet
+    assert {fresh.document_state_vector(s) for s in shards} == {source.document_state_vector(s) for s in shards}
+    assert fresh.index_pending(limit=1) == ["2026-11"]  # newest month first
+    assert changes[-1].added == set(november) and changes[-1].origin == "peer"
+    assert set(changes[-1].envelopes) == set(november)
+    assert fresh.unindexed_shards() == ["2026-10"] and fresh.loaded_shards() == []
+    # A read of the listing builds what is left first: nothing stored is ever missing from it.
+    assert {row.message_id for row in fresh.index_rows()} == set(november) | {october[0], *october[2:]}
+    assert changes[-1].added == {october[0], *october[2:]}
+    assert fresh.unindexed_shards() == [] and fresh.repair_index() == []
+    assert {m.id: (m.flags, m.folder_id) for m in fresh.all_messages()} == {
+        m.id: (m.flags, m.folder_id) for m in source.all_messages()}
+
+
+def test_every_read_of_the_listing_sees_shards_stored_whole(backend: MailboxBackend) -> None:
+    source, november, october = _source_with_two_months()
+    reads = {
+        "counts": lambda box: box.counts()[INBOX].total,
+        "list_folder": lambda box: len(box.list_folder("INBOX")),
+        "message": lambda box: box.message(november[1]).envelope.subject,
+        "resolve": lambda box: box.resolve(october[2][:10]),
+        "envelopes": lambda box: len(box.envelopes([november[2], october[3]])),
+        "rows": lambda box: len(box.rows(november)),
+    }
+    expected = {name: read(source) for name, read in reads.items()}
+    for name, read in reads.items():
+        # Each read on a replica of its own, where it is the first read after the sync.
+        empty = MemoryBackend() if isinstance(backend, MemoryBackend) else backend._store.backend(name)  # type: ignore[attr-defined]
+        fresh = Mailbox("m", empty)
+        _receive_whole(fresh, source)
+        assert fresh.unindexed_shards()
+        assert read(fresh) == expected[name], name
+
+
+def test_an_update_to_a_shard_stored_whole_indexes_it_first(backend: MailboxBackend) -> None:
+    source, november, _ = _source_with_two_months()
+    fresh = Mailbox("m", backend)
+    changes = recorded(fresh)
+    _receive_whole(fresh, source)
+    before = source.document_state_vector("2026-11")
+    source.set_flags(november[1], add=["\\Flagged"])
+    fresh.apply_update("2026-11", source.encode_document("2026-11", before), "peer")
+    assert [sorted(change.added) for change in changes if change.added] == [sorted(november)]
+    assert changes[-1].changed == {november[1]}  # after the change that listed it
+    assert "2026-11" not in fresh.unindexed_shards() and fresh.repair_index() == []
+    assert fresh.rows([november[1]])[november[1]].flags == ("\\Flagged",)
+
+
+def test_a_malformed_whole_shard_is_refused_and_nothing_is_stored(backend: MailboxBackend) -> None:
+    source, _, _ = _source_with_two_months()
+    whole = source.encode_document("2026-11")
+    fresh = Mailbox("m", backend)
+    for broken in (whole[: len(whole) // 2], b"\xff" * 40):
+        with pytest.raises(ValueError):
+            fresh.apply_update("2026-11", broken, "peer", check_causality=False)
+    assert fresh.document_names() == ["index"] and fresh.unindexed_shards() == []
+
+
+def test_a_shard_stored_whole_then_updated_in_one_batch(backend: MailboxBackend) -> None:
+    source, november, _ = _source_with_two_months()
+    fresh = Mailbox("m", backend)
+    whole = source.encode_document("2026-11")
+    state = source.document_state_vector("2026-11")
+    source.set_flags(november[2], add=["\\Answered"])
+    with fresh.batch():  # a burst of frames: the state diff, then an update on top of it
+        fresh.apply_update("2026-11", whole, "peer", check_causality=False)
+        assert fresh.document_state_vector("2026-11") == state
+        assert fresh.encode_document("2026-11") == whole  # a third peer asking meanwhile gets it
+        fresh.apply_update("2026-11", source.encode_document("2026-11", state), "peer")
+    assert "\\Answered" in fresh.message(november[2]).flags and fresh.repair_index() == []
+
+
+def test_a_shard_stored_whole_and_never_indexed_is_listed_after_a_restart(tmp_path: Path) -> None:
+    source, november, _ = _source_with_two_months()
+    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    fresh = Mailbox("m", store.backend("m"))
+    _receive_whole(fresh, source)
+    store.close()  # the process stops before the rows are built
+    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    reopened = Mailbox("m", store.backend("m"))
+    assert reopened.unindexed_shards() == []
+    assert set(november) <= {row.message_id for row in reopened.index_rows()}
+    store.close()
