@@ -1009,7 +1009,9 @@ class MailboxSync:
 
     def _first_time(self, doc: str, update: bytes) -> bool:
         """Record that ``update`` crossed this connection; False if it already had (recently)."""
-        key = hashlib.blake2b(doc.encode("utf-8", "surrogatepass") + b"\x00" + update, digest_size=16).digest()
+        hasher = hashlib.blake2b(doc.encode("utf-8", "surrogatepass") + b"\x00", digest_size=16)
+        hasher.update(update)  # not concatenated: a whole shard is megabytes to copy
+        key = hasher.digest()
         if key in self._seen:
             self._seen.move_to_end(key)
             return False
