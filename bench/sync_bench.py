@@ -794,6 +794,7 @@ def initial_sync_runs(source: Path, work: Path, windows: dict[str, str], runs: i
                 return values[len(values) // 2] if values else 0
 
             figures[label] = {"oldest_shard": oldest or None, "runs": results, "seconds": median("seconds"),
+                              "listed_seconds": median("listed_seconds"),
                               "bytes_received": median("bytes_received"), "bytes_sent": median("bytes_sent"),
                               "tcp_bytes_received": median("tcp_bytes_received"),
                               "peak_rss_mb": median("peak_rss_mb")}
