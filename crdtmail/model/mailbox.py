@@ -323,6 +323,9 @@ class Mailbox:
         if name in self._pending.stored_whole:
             self._commit()  # it is in the store once committed, and loads from there
             parts = None
+            shard = self._shards.get(name)  # an observer of that commit may have read it meanwhile
+            if shard is not None:
+                return shard
         doc = self._rebuild(name, parts)
         shard = _Shard(name, doc)
         self._watch(name, doc)
@@ -671,8 +674,9 @@ class Mailbox:
             loaded = name in self._shards
             self._load_shard(name)  # which indexes it
             if not loaded:
-                self._drop_if_idle(name)
+                self._drop_after_commit.add(name)  # now, or when the running batch ends
             done.append(name)
+        self._drop_arrivals()
         if not self._batch_depth:
             self._announce_indexed()
         return done

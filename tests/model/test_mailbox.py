@@ -827,3 +827,13 @@ def test_a_shard_stored_whole_and_never_indexed_is_listed_after_a_restart(tmp_pa
     assert reopened.unindexed_shards() == []
     assert set(november) <= {row.message_id for row in reopened.index_rows()}
     store.close()
+
+
+def test_shards_listed_inside_a_batch_leave_memory_when_it_ends(backend: MailboxBackend) -> None:
+    source, november, october = _source_with_two_months()
+    fresh = Mailbox("m", backend)
+    with fresh.batch():
+        _receive_whole(fresh, source)
+        assert fresh.counts()[INBOX].total == len(november) + len(october) - 2  # one archived, one expunged
+        assert fresh.unindexed_shards() == []
+    assert fresh.loaded_shards() == []
