@@ -565,8 +565,9 @@ def comparison_tables(rows: list[dict[str, Any]]) -> list[str]:
                   "peer-to-peer links): crdtmail's \"A -> serving peer -> B, same rounds\" rows are that topology, "
                   "measured in the same interleaved rounds (a crdtmail peer serves, commits and relays); its "
                   "\"peer to peer\" rows are its normal topology, from the one_hop scenario. In an initial sync "
-                  "crdtmail receives an index and month shards and commits them, with its derived rows, to "
-                  "SQLite; theirs fill one document in memory.", ""]
+                  "crdtmail receives an index and month shards and commits them to SQLite (the rows that list "
+                  "the messages are built after it is in sync: see the initial sync rows above for both "
+                  "times); theirs fill one document in memory.", ""]
     other = [row for row in rows if row["alternative"].startswith("mbsync")]
     if other:
         lines += ["| figure | crdtmail | mbsync + Dovecot | ratio | note |", "|---|---|---|---|---|"]

@@ -600,6 +600,7 @@ async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
         return len(figures) == len(remotes)
 
     dialers = await peer.dial_until(remotes, all_synced, timeout=timeout)
+    peer.index_now()
     return [
         {"url": remote.url, "mailboxes": list(remote.mailboxes), "synced": remote.url in figures,
          "error": dialer.last_error,

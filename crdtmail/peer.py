@@ -385,6 +385,12 @@ class Peer:
         self._indexing[mailbox] = task
         task.add_done_callback(lambda _: self._indexing.pop(mailbox, None))
 
+    def index_now(self) -> None:
+        """Build at once the listing rows of every shard that arrived whole (a one-shot sync, before it exits:
+        the next command would otherwise build them when it opens the mailbox)."""
+        for mailbox in self._mailboxes.values():
+            mailbox.index_pending()
+
     async def _index(self, name: str) -> None:
         mailbox = self.mailbox(name)
         started = time.perf_counter()

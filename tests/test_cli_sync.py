@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,6 +94,30 @@ def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
     assert server.returncode == 0, err
     assert "stopped" in out
     assert token not in out + err
+
+
+@pytest.mark.timeout(120)
+def test_a_first_sync_lists_what_it_stored_before_it_exits(tmp_path: Path) -> None:
+    """A phone that fetches no bodies reads no envelope after its first sync: the shards it stored whole are
+    still listed before `crdtmail sync` exits, so the next command does not have to."""
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    write_maildir(tmp_path / "Maildir", generate_messages(60, seed=4))
+    crdtmail(desktop, "init")
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
+    crdtmail(phone, "init")
+    config = phone / "config.toml"
+    config.write_text(config.read_text().replace("# newer_than_days = 90", "fetch = false"))
+    with serving(desktop) as (line, _):
+        crdtmail(phone, "connect", line.split()[2], "--token", token, "--for", "default")
+        crdtmail(phone, "sync", "--timeout", "30")
+    with contextlib.closing(sqlite3.connect(phone / "crdtmail.sqlite3")) as db:
+        assert db.execute("SELECT count(*) FROM documents WHERE name != 'index'").fetchone()[0] > 1
+        assert db.execute("SELECT count(*) FROM blobs").fetchone() == (0,)  # no body was fetched
+        assert db.execute("SELECT count(*) FROM documents d WHERE d.name != 'index' AND NOT EXISTS (SELECT 1"
+                          " FROM indexed_shards i WHERE i.shard = d.name AND i.state_vector = d.state_vector)"
+                          ).fetchone() == (0,)
+    assert as_json(phone, "ls", "--limit", "1000")["total"] == as_json(desktop, "ls", "--limit", "1000")["total"]
 
 
 @pytest.mark.timeout(60)

@@ -382,3 +382,22 @@ def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Pa
     asyncio.run(main())
     desktop_replica.close()
     phone_replica.close()
+
+
+def test_index_now_lists_every_shard_that_arrived_whole(tmp_path: Path) -> None:
+    """What `crdtmail sync` does before it exits, where the background listing would be cut short."""
+    source = Replica.init(tmp_path / "source")
+    box = source.mailbox("default", create=True)
+    ids = [box.add(make_raw(f"m{n}", date=f"02 {month} 2026 10:00:00 +0000")).message_id
+           for n, month in enumerate(["Oct", "Nov"] * 3)]
+    replica = Replica.init(tmp_path / "fresh")
+    peer = Peer(replica, bodies=False)
+    fresh = peer.mailbox("default")
+    for name in box.document_names():
+        fresh.apply_update(name, box.encode_document(name), "a link", check_causality=False)
+    assert fresh.unindexed_shards() == ["2026-11", "2026-10"]
+    peer.index_now()
+    assert fresh.unindexed_shards() == [] and fresh.loaded_shards() == []
+    assert {row.message_id for row in fresh.index_rows()} == set(ids)
+    replica.close()
+    source.close()
