@@ -31,6 +31,17 @@ def as_json(data_dir: Path, *args: str) -> Any:
     return orjson.loads(crdtmail(data_dir, *args, "--json").stdout)
 
 
+def desktop_and_phone(tmp_path: Path, messages: int, *, seed: int) -> tuple[Path, Path, str]:
+    """A desktop data dir holding a generated Maildir, an empty phone one, and the phone's device token."""
+    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
+    write_maildir(tmp_path / "Maildir", generate_messages(messages, seed=seed))
+    crdtmail(desktop, "init")
+    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
+    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
+    crdtmail(phone, "init")
+    return desktop, phone, token
+
+
 @contextlib.contextmanager
 def serving(data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """Run `crdtmail serve --port 0` for ``data_dir``; yields its first line and the process, then SIGTERMs it."""
@@ -47,12 +58,7 @@ def serving(data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
 
 @pytest.mark.timeout(120)
 def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
-    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
-    write_maildir(tmp_path / "Maildir", generate_messages(30, seed=9))
-    crdtmail(desktop, "init")
-    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
-    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
-    crdtmail(phone, "init")
+    desktop, phone, token = desktop_and_phone(tmp_path, 30, seed=9)
 
     with serving(desktop) as (line, server):
         assert line.startswith("listening on ws://127.0.0.1:"), line
@@ -100,12 +106,7 @@ def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
 def test_a_first_sync_lists_what_it_stored_before_it_exits(tmp_path: Path) -> None:
     """A phone that fetches no bodies reads no envelope after its first sync: the shards it stored whole are
     still listed before `crdtmail sync` exits, so the next command does not have to."""
-    desktop, phone = tmp_path / "desktop", tmp_path / "phone"
-    write_maildir(tmp_path / "Maildir", generate_messages(60, seed=4))
-    crdtmail(desktop, "init")
-    crdtmail(desktop, "import", str(tmp_path / "Maildir"))
-    token = as_json(desktop, "pair", "phone", "--for", "default")["token"]
-    crdtmail(phone, "init")
+    desktop, phone, token = desktop_and_phone(tmp_path, 60, seed=4)
     config = phone / "config.toml"
     config.write_text(config.read_text().replace("# newer_than_days = 90", "fetch = false"))
     with serving(desktop) as (line, _):

@@ -535,14 +535,19 @@ def test_a_shard_not_in_memory_is_served_from_the_store_without_loading_it(tmp_p
     store.close()
 
 
-def test_a_full_answer_of_a_shard_with_a_log_folds_it_without_loading_it(tmp_path: Path) -> None:
-    store = SqliteStore.open(tmp_path / "store.sqlite3")
-    backend = store.backend("m")
-    source = Mailbox("m", backend)
-    ids = [source.add(make_raw(f"fold-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(4)]
-    shard = source.rows([ids[0]])[ids[0]].shard
-    backend.fold_logs()
+def _shard_with_a_log(path: Path, count: int) -> tuple[SqliteStore, Mailbox, list[str], str]:
+    """A stored November shard of ``count`` messages: a snapshot, then a log of one flag change (on the first)."""
+    store = SqliteStore.open(path)
+    source = Mailbox("m", store.backend("m"))
+    ids = [source.add(make_raw(f"log-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(count)]
+    store.backend("m").fold_logs()
     source.set_flags(ids[0], add=["\\Flagged"])
+    return store, source, ids, source.rows([ids[0]])[ids[0]].shard
+
+
+def test_a_full_answer_of_a_shard_with_a_log_folds_it_without_loading_it(tmp_path: Path) -> None:
+    store, source, ids, shard = _shard_with_a_log(tmp_path / "store.sqlite3", 4)
+    backend = store.backend("m")
     source.expunge(ids[1])
     assert len(backend.load_document_parts(shard)) == 3  # a snapshot and a log of two updates
     serving = Mailbox("m", backend)
@@ -567,13 +572,8 @@ def test_a_full_answer_of_a_shard_with_a_log_folds_it_without_loading_it(tmp_pat
 
 def test_a_full_answer_is_merged_in_memory_when_the_store_cannot_take_the_fold(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    store, source, _, shard = _shard_with_a_log(tmp_path / "store.sqlite3", 3)
     backend = store.backend("m")
-    source = Mailbox("m", backend)
-    ids = [source.add(make_raw(f"locked-{i}", date="02 Nov 2026 10:00:00 +0000")).message_id for i in range(3)]
-    shard = source.rows([ids[0]])[ids[0]].shard
-    backend.fold_logs()
-    source.set_flags(ids[0], add=["\\Flagged"])
     store._connection.execute("PRAGMA busy_timeout=50")
     other = sqlite3.connect(tmp_path / "store.sqlite3")
     other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
