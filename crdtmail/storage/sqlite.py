@@ -647,8 +647,13 @@ _FoldHint = Callable[[sqlite3.Connection, str, int, int], "bytes | None"]
 
 
 def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatch,
-                 fold_hint: _FoldHint | None = None) -> set[str]:
-    """One batch as one transaction on ``connection``; returns the new documents stored as snapshots."""
+                 fold_hint: _FoldHint | None = None, *, on_writer_thread: bool = False) -> set[str]:
+    """One batch as one transaction on ``connection``; returns the new documents stored as snapshots.
+
+    Many rows go in as multi-row statements on the writer thread (see ``insert_many``), and row by row through
+    ``executemany`` on the caller's thread, where nothing competes for the GIL: 100k listing rows 0.61-0.65 s
+    against 0.97-1.02 s.
+    """
     with _transaction(connection):
         snapshots = _append_updates(connection, mailbox, batch, fold_hint)
         if batch.replace_shards:
@@ -675,18 +680,19 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
                 if not patched:
                     upsert[message_id] = r
         if upsert:
-            insert_many(
-                connection,
-                "INSERT OR REPLACE INTO rows (mailbox, message_id, shard, folder_id, date, seen, flags,"
-                " sender, subject, size) VALUES ",
-                # In key order: a shard's rows then fill the table's B-tree page by page instead of touching a
-                # random page per row (a 100k-message initial sync inserted them twice as fast).
-                [
-                    (mailbox, r.message_id, r.shard, r.folder_id, r.date, int(r.seen), " ".join(r.flags),
-                     r.sender, r.subject, r.size)
-                    for _, r in sorted(upsert.items())
-                ],
-            )
+            # In key order: a shard's rows then fill the table's B-tree page by page instead of touching a random
+            # page per row (a 100k-message initial sync inserted them twice as fast).
+            values = [
+                (mailbox, r.message_id, r.shard, r.folder_id, r.date, int(r.seen), " ".join(r.flags), r.sender,
+                 r.subject, r.size)
+                for _, r in sorted(upsert.items())
+            ]
+            head = ("INSERT OR REPLACE INTO rows (mailbox, message_id, shard, folder_id, date, seen, flags, sender,"
+                    " subject, size) VALUES ")
+            if on_writer_thread:
+                insert_many(connection, head, values)
+            else:
+                connection.executemany(head + "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         if batch.indexed_shards:
             connection.executemany(
                 "INSERT OR REPLACE INTO indexed_shards (mailbox, shard, state_vector) VALUES (?, ?, ?)",
@@ -916,7 +922,7 @@ class _Writer:
                         return
                     if self._error is None:
                         _verify_blobs(batch)
-                        _write_batch(connection, self._mailbox, batch)
+                        _write_batch(connection, self._mailbox, batch, on_writer_thread=True)
                         if checkpointer.restart_due:
                             checkpointer.restart_due = False
                             with suppress(sqlite3.Error):
