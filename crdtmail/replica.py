@@ -52,8 +52,10 @@ class Replica:
         self._backends: dict[str, SqliteMailboxBackend] = {}
 
     @classmethod
-    def init(cls, data_dir: Path, *, config_path: Path | None = None) -> Replica:
+    def init(cls, data_dir: Path | str, *, config_path: Path | str | None = None) -> Replica:
         """Create (or reopen) a data directory: config file, database and a random peer identity."""
+        data_dir = Path(data_dir)
+        config_path = None if config_path is None else Path(config_path)
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -67,8 +69,10 @@ class Replica:
         return cls(data_dir, config, store)
 
     @classmethod
-    def open(cls, data_dir: Path, *, config_path: Path | None = None) -> Replica:
+    def open(cls, data_dir: Path | str, *, config_path: Path | str | None = None) -> Replica:
         """Open an existing data directory; a missing one raises StorageError saying to run `crdtmail init`."""
+        data_dir = Path(data_dir)
+        config_path = None if config_path is None else Path(config_path)
         database = data_dir / DATABASE_FILE
         if not database.exists():
             raise StorageError(f"no crdtmail data directory at {data_dir}; run `crdtmail init` first")
