@@ -402,9 +402,9 @@ class Peer:
                 if not done:
                     break
                 indexed += len(done)
-        except CrdtmailError as exc:
-            log.error("mailbox %s: building the listing of %s failed: %s; it is built when the mailbox is next "
-                      "read or opened", name, ", ".join(mailbox.unindexed_shards()), exc)
+        except (CrdtmailError, ValueError) as exc:  # a store that cannot be written, or a shard that cannot be read
+            log.error("mailbox %s: building the listing of %s failed: %s; it is tried again when the mailbox is "
+                      "next read or opened", name, ", ".join(mailbox.unindexed_shards()), exc)
             return
         log.info("mailbox %s: listed the messages of %d shards that arrived whole, in %.2f s", name, indexed,
                  time.perf_counter() - started)

@@ -33,6 +33,7 @@ from pycrdt import Doc, Map, MapEvent, Subscription, Transaction, TransactionEve
 
 from crdtmail.errors import (
     AmbiguousMessageError,
+    CorruptStoreError,
     ExpungedMessageError,
     FolderExistsError,
     FolderNotEmptyError,
@@ -347,8 +348,14 @@ class Mailbox:
         first, as loads once did, costs several times more.
         """
         doc: Doc[Any] = Doc()
-        for part in self._backend.load_document_parts(doc_name) if parts is None else parts:
-            doc.apply_update(part)
+        try:
+            for part in self._backend.load_document_parts(doc_name) if parts is None else parts:
+                doc.apply_update(part)
+        except ValueError as exc:  # pycrdt: the stored bytes are not an update
+            raise CorruptStoreError(
+                f"mailbox {self.name}: document {doc_name} in the store cannot be decoded ({exc}); restore the data "
+                "directory from a backup, or move it away and let this peer resync from another"
+            ) from exc
         return doc
 
     def _touch(self, shard: _Shard, message_id: str, kind: set[str]) -> None:

@@ -481,26 +481,24 @@ class SqliteMailboxBackend:
             writer.close()
 
     def fold_document(self, doc_name: str) -> bytes | None:
-        """Fold one document's log into its snapshot (one transaction) and return the snapshot; None if the
-        document was never stored."""
+        """Fold one document's log (and a schema-1 snapshot, if one is left) into its snapshot, in one
+        transaction, and return the snapshot; None if the document was never stored. For a document stored in
+        more than one part: one part alone is merged again for nothing."""
         self._settle()
         try:
             with _transaction(self._connection):
-                log_count = self._connection.execute(
-                    "SELECT log_count FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
-                ).fetchone()
-                if log_count is None:
+                if self._connection.execute(
+                    "SELECT 1 FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
+                ).fetchone() is None:
                     return None
-                if log_count[0]:
-                    _compact(self._connection, self.mailbox, doc_name)
+                _compact(self._connection, self.mailbox, doc_name)
                 snapshot = self._connection.execute(
                     "SELECT data FROM snapshots WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
                 ).fetchone()
         except sqlite3.Error as exc:
             raise _storage_error("write to", self._store.path, exc) from exc
         self._baselines.pop(doc_name, None)
-        if log_count[0]:
-            self._store.committed()
+        self._store.committed()
         return bytes(snapshot[0]) if snapshot else None
 
     def fold_logs(self) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from crdtmail.errors import (
     AmbiguousMessageError,
+    CorruptStoreError,
     ExpungedMessageError,
     FolderExistsError,
     FolderNotEmptyError,
@@ -837,3 +838,14 @@ def test_shards_listed_inside_a_batch_leave_memory_when_it_ends(backend: Mailbox
         assert fresh.counts()[INBOX].total == len(november) + len(october) - 2  # one archived, one expunged
         assert fresh.unindexed_shards() == []
     assert fresh.loaded_shards() == []
+
+
+def test_a_stored_shard_that_cannot_be_decoded_is_a_clear_store_error(tmp_path: Path) -> None:
+    source, _, _ = _source_with_two_months()
+    store = SqliteStore.open(tmp_path / "store.sqlite3")
+    _receive_whole(Mailbox("m", store.backend("m")), source)
+    for table in ("snapshots", "updates"):  # a small shard arrives as a log row, a big one as a snapshot
+        store._connection.execute(f"UPDATE {table} SET data = ? WHERE name = '2026-11'", (b"\xff" * 64,))
+    with pytest.raises(CorruptStoreError, match=r"2026-11 in the store cannot be decoded.*resync"):
+        Mailbox("m", store.backend("m"))  # its rows are built when it opens
+    store.close()
