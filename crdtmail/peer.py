@@ -150,6 +150,8 @@ class _Session:
                         if not self.connection.is_open and self.connection.close_code is not None:
                             break
                 self.flush()
+                for name in self.synced:  # a shard asked for after the sync (request_shard) arrives whole too
+                    self.peer.index_soon(name)
                 if not self.connection.is_open and self.connection.close_code is not None:
                     break
             if self.connection.close_code is None:

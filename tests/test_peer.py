@@ -266,6 +266,13 @@ def test_a_sync_window_keeps_old_shards_off_the_phone(tmp_path: Path) -> None:
         desk_box.set_flags(newest, add=["$Later"])
         await until(lambda: "$Later" in phone_box.message(newest).flags)
         assert all(name == "index" or name >= "2026-09" for name in phone_box.document_names())
+        # The user scrolls back: the old month is fetched on demand, stored whole and listed by itself.
+        listed: list[frozenset[str]] = []
+        phone_box.observe(lambda change: listed.append(change.added) if change.added else None)
+        assert phone.request_shard("default", old.shard) == 1
+        await until(lambda: old.shard in phone_box.document_names() and not phone_box.unindexed_shards())
+        assert old.id in set().union(*listed)
+        assert "\\Flagged" in phone_box.message(old.id).flags
         await hang_up(dialer, task, phone, server)
 
     asyncio.run(main())
