@@ -318,6 +318,7 @@ class _YSession:
                         if not applied:  # it builds on something we lack: ask the client for it
                             state = self.box.document_state_vector(self.document)
                             self.link.send(encode_y_websocket_sync(SyncType.STEP1, state))
+                        self.peer.index_soon(self.mailbox_name)  # a shard new here is stored whole, listed after
                 except (ProtocolError, ModelError, ValueError) as exc:
                     log.warning("closing y-websocket client %s: %s", self.link.name, exc)
                     await self.link.close(websocket_close_code(CloseCode.INVALID_UPDATE), str(exc)[:120])

@@ -7,10 +7,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server
 
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
+from crdtmail.protocol.frames import SyncType, encode_y_websocket_sync
 from crdtmail.replica import Replica
 from crdtmail.sample import generate_messages, write_maildir
 from crdtmail.transport import Dialer
@@ -406,5 +408,33 @@ def test_index_now_lists_every_shard_that_arrived_whole(tmp_path: Path) -> None:
     peer.index_now()
     assert fresh.unindexed_shards() == [] and fresh.loaded_shards() == []
     assert {row.message_id for row in fresh.index_rows()} == set(ids)
+    replica.close()
+    source.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_a_yjs_client_brings_whole_is_stored_and_listed(tmp_path: Path) -> None:
+    """The y-websocket endpoint takes a step 2 for a shard this peer lacks as a sync does: stored whole, then
+    listed by itself."""
+    source = Replica.init(tmp_path / "source")
+    source_box = source.mailbox("default", create=True)
+    ids = {source_box.add(make_raw(f"y{n}", date="03 Nov 2026 10:00:00 +0000")).message_id for n in range(4)}
+    replica = Replica.init(tmp_path / "desktop")
+
+    async def main() -> None:
+        peer = Peer(replica, bodies=False)
+        box = peer.mailbox("default")
+        token = peer.registry.pair("yjs", ["default"])
+        server = await peer.serve()
+        url = f"ws://127.0.0.1:{port_of(server)}/default/2026-11?token={token}"
+        async with connect(url) as websocket:
+            await websocket.recv()  # the peer's step 1
+            await websocket.send(encode_y_websocket_sync(SyncType.STEP2, source_box.encode_document("2026-11")))
+            await until(lambda: "2026-11" in box.document_names() and not box.unindexed_shards())
+        assert {row.message_id for row in box.index_rows()} == ids
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
     replica.close()
     source.close()
