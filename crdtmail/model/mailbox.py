@@ -997,7 +997,9 @@ class Mailbox:
         """Set and clear flags or keywords; returns whether anything changed."""
         to_add = {normalise_flag(flag) for flag in add}
         to_remove = {normalise_flag(flag) for flag in remove} - to_add
-        shard = self._shard_of(message_id)
+        self._ensure_indexed()
+        stored = self._backend.rows([message_id]).get(message_id)  # its shard, and its row to patch (below)
+        shard = self._load_shard(stored.shard) if stored is not None else self._shard_of(message_id)
         # Only the keys this call may change are read: every read is a pycrdt transaction, and a mailbox with
         # many keywords would pay one per keyword in use.
         prefix = message_id + _FLAG_SEPARATOR
@@ -1006,6 +1008,13 @@ class Mailbox:
         changes += [(flag, False) for flag in sorted(to_remove) if flags.get(prefix + flag) is True]
         if not changes:
             return False
+        # The stored row is this message's as committed; with nothing of it pending, only its flags change, so the
+        # commit takes the patched row instead of reading the envelope, placement and every flag from the shard.
+        hint = None
+        if stored is not None and message_id not in self._pending.touched.get(shard.name, ()):
+            now = (set(stored.flags) | {flag for flag, value in changes if value}) - {
+                flag for flag, value in changes if not value}
+            hint = dataclasses.replace(stored, flags=tuple(sorted(now)))
         with self._operation(), shard.doc.transaction(origin=LOCAL):
             self._pending.row_hints.pop(message_id, None)
             for flag, value in changes:
@@ -1015,6 +1024,8 @@ class Mailbox:
                 shard.flag_names.add(flag)
             shard.flagged_ids.add(message_id)
             self._touch(shard, message_id, self._pending.changed)
+            if hint is not None:
+                self._pending.row_hints[message_id] = hint
         return True
 
     def expunge(self, message_id: str) -> None:

@@ -849,3 +849,30 @@ def test_a_stored_shard_that_cannot_be_decoded_is_a_clear_store_error(tmp_path: 
     with pytest.raises(CorruptStoreError, match=r"2026-11 in the store cannot be decoded.*resync"):
         Mailbox("m", store.backend("m"))  # its rows are built when it opens
     store.close()
+
+
+def test_a_flag_change_patches_the_stored_row_as_a_recomputation_would(backend: MailboxBackend) -> None:
+    """set_flags patches the committed row instead of reading the shard: in a batch, after a remote change to
+    the same message, and with several flags at once, the rows still equal a recomputation."""
+    mailbox = Mailbox("m", backend)
+    other = Mailbox("m", MemoryBackend())
+    ids = [mailbox.add(make_raw(f"patch-{i}", date="05 Nov 2026 10:00:00 +0000")).message_id for i in range(4)]
+    other.apply_update("index", mailbox.encode_document("index"), "peer")
+    other.apply_update("2026-11", mailbox.encode_document("2026-11"), "peer")
+    rng = random.Random(3)
+    names = ["\\Seen", "\\Flagged", "$Work", "$Later", "\\Answered"]
+    for step in range(60):
+        message_id = rng.choice(ids)
+        add, remove = rng.sample(names, 2), rng.sample(names, 1)
+        if step % 5 == 0:  # a remote change to the same message, then a local one, under one commit
+            before = mailbox.document_state_vector("2026-11")
+            other.set_flags(message_id, add=[rng.choice(names)], remove=[rng.choice(names)])
+            with mailbox.batch():
+                mailbox.apply_update("2026-11", other.encode_document("2026-11", before), "peer")
+                mailbox.set_flags(message_id, add=add, remove=remove)
+        else:
+            mailbox.set_flags(message_id, add=add, remove=remove)
+        other.apply_update("2026-11", mailbox.encode_document("2026-11", other.document_state_vector("2026-11")),
+                           "peer")
+        assert mailbox.rows(ids) == mailbox.rows_for_shard("2026-11"), step
+        assert mailbox.rows(ids)[message_id].flags == tuple(sorted(mailbox.message(message_id).flags))
