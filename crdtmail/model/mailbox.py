@@ -980,14 +980,31 @@ class Mailbox:
     def move(self, message_id: str, folder: str) -> bool:
         """Place a message in ``folder``; returns False when it was already there."""
         folder_id = self.folder(folder).id
-        shard = self._shard_of(message_id)
+        stored, shard = self._row_and_shard_of(message_id)
         if shard.placement.get(message_id) == folder_id:
             return False
+        hint = self._patched_row(stored, shard, folder_id=folder_id)
         with self._operation(), shard.doc.transaction(origin=LOCAL):
             self._pending.row_hints.pop(message_id, None)
             shard.placement[message_id] = folder_id
             self._touch(shard, message_id, self._pending.moved)
+            if hint is not None:
+                self._pending.row_hints[message_id] = hint
         return True
+
+    def _row_and_shard_of(self, message_id: str) -> tuple[IndexRow | None, _Shard]:
+        """A message's committed listing row (None if it has none yet) and its shard, from one look-up."""
+        self._ensure_indexed()
+        stored = self._backend.rows([message_id]).get(message_id)
+        return stored, self._load_shard(stored.shard) if stored is not None else self._shard_of(message_id)
+
+    def _patched_row(self, stored: IndexRow | None, shard: _Shard, **changes: Any) -> IndexRow | None:
+        """The committed row with ``changes`` when nothing of the message is pending (then it is the message's
+        row as committed), for the commit to take instead of reading the envelope, placement and every flag
+        name from the shard; None otherwise."""
+        if stored is None or stored.message_id in self._pending.touched.get(shard.name, ()):
+            return None
+        return dataclasses.replace(stored, **changes)
 
     def delete(self, message_id: str) -> bool:
         """Move a message to the trash folder (it stays recoverable until expunged)."""
@@ -997,9 +1014,7 @@ class Mailbox:
         """Set and clear flags or keywords; returns whether anything changed."""
         to_add = {normalise_flag(flag) for flag in add}
         to_remove = {normalise_flag(flag) for flag in remove} - to_add
-        self._ensure_indexed()
-        stored = self._backend.rows([message_id]).get(message_id)  # its shard, and its row to patch (below)
-        shard = self._load_shard(stored.shard) if stored is not None else self._shard_of(message_id)
+        stored, shard = self._row_and_shard_of(message_id)
         # Only the keys this call may change are read: every read is a pycrdt transaction, and a mailbox with
         # many keywords would pay one per keyword in use.
         prefix = message_id + _FLAG_SEPARATOR
@@ -1008,13 +1023,9 @@ class Mailbox:
         changes += [(flag, False) for flag in sorted(to_remove) if flags.get(prefix + flag) is True]
         if not changes:
             return False
-        # The stored row is this message's as committed; with nothing of it pending, only its flags change, so the
-        # commit takes the patched row instead of reading the envelope, placement and every flag from the shard.
-        hint = None
-        if stored is not None and message_id not in self._pending.touched.get(shard.name, ()):
-            now = (set(stored.flags) | {flag for flag, value in changes if value}) - {
-                flag for flag, value in changes if not value}
-            hint = dataclasses.replace(stored, flags=tuple(sorted(now)))
+        hint = None if stored is None else self._patched_row(stored, shard, flags=tuple(sorted(
+            (set(stored.flags) | {flag for flag, value in changes if value})
+            - {flag for flag, value in changes if not value})))
         with self._operation(), shard.doc.transaction(origin=LOCAL):
             self._pending.row_hints.pop(message_id, None)
             for flag, value in changes:

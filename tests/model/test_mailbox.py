@@ -851,10 +851,11 @@ def test_a_stored_shard_that_cannot_be_decoded_is_a_clear_store_error(tmp_path: 
     store.close()
 
 
-def test_a_flag_change_patches_the_stored_row_as_a_recomputation_would(backend: MailboxBackend) -> None:
-    """set_flags patches the committed row instead of reading the shard: in a batch, after a remote change to
-    the same message, and with several flags at once, the rows still equal a recomputation."""
+def test_a_flag_change_or_move_patches_the_stored_row_as_a_recomputation_would(backend: MailboxBackend) -> None:
+    """set_flags and move patch the committed row instead of reading the shard: in a batch, after a remote
+    change to the same message, and with several flags at once, the rows still equal a recomputation."""
     mailbox = Mailbox("m", backend)
+    mailbox.create_folder("Work")
     other = Mailbox("m", MemoryBackend())
     ids = [mailbox.add(make_raw(f"patch-{i}", date="05 Nov 2026 10:00:00 +0000")).message_id for i in range(4)]
     other.apply_update("index", mailbox.encode_document("index"), "peer")
@@ -864,14 +865,19 @@ def test_a_flag_change_patches_the_stored_row_as_a_recomputation_would(backend: 
     for step in range(60):
         message_id = rng.choice(ids)
         add, remove = rng.sample(names, 2), rng.sample(names, 1)
-        if step % 5 == 0:  # a remote change to the same message, then a local one, under one commit
+        folder = rng.choice(["INBOX", "Archive", "Work", "Junk"])
+        if step % 5 == 0:  # a remote change to the same message, then local ones, under one commit
             before = mailbox.document_state_vector("2026-11")
             other.set_flags(message_id, add=[rng.choice(names)], remove=[rng.choice(names)])
+            other.move(message_id, rng.choice(["INBOX", "Archive", "Work", "Junk"]))
             with mailbox.batch():
                 mailbox.apply_update("2026-11", other.encode_document("2026-11", before), "peer")
                 mailbox.set_flags(message_id, add=add, remove=remove)
-        else:
+                mailbox.move(message_id, folder)
+        elif step % 2:
             mailbox.set_flags(message_id, add=add, remove=remove)
+        else:
+            mailbox.move(message_id, folder)
         other.apply_update("2026-11", mailbox.encode_document("2026-11", other.document_state_vector("2026-11")),
                            "peer")
         assert mailbox.rows(ids) == mailbox.rows_for_shard("2026-11"), step
