@@ -1041,7 +1041,9 @@ class MailboxSync:
         # peer's step 1 for an unknown name from creating anything here.
         if self.source.accepts(doc) and self.source.state_vector(doc) != EMPTY_STATE_VECTOR:
             update = self.source.diff(doc, state_vector)
-            self._first_time(doc, update)  # the peer may relay these bytes on; they must not come back here
+        # Not recorded in the relay memory: a step 2 answers a step 1 and is never relayed as itself, and should
+        # the peer pass its bytes on and they come back here, applying them again changes nothing. Hashing it
+        # cost both sides of an initial sync a pass over every shard (50 ms for 37.5 MB).
         self.connection.send_sync_step2(self.mailbox, doc, update)
 
     def _on_update(self, doc: str, update: bytes, *, reply: bool) -> None:
@@ -1051,7 +1053,7 @@ class MailboxSync:
             self._pending[doc] -= 1
             if not self._pending[doc]:
                 del self._pending[doc]
-        if update == EMPTY_UPDATE or not self.source.accepts(doc) or not self._first_time(doc, update):
+        if update == EMPTY_UPDATE or not self.source.accepts(doc) or (not reply and not self._first_time(doc, update)):
             return
         applied = self.source.apply(doc, update, self.connection, state_diff=answered)
         if applied is False and not self._pending.get(doc):
