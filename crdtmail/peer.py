@@ -384,6 +384,9 @@ class Peer:
         background, a shard per turn of the event loop, so links keep being served meanwhile."""
         if mailbox in self._indexing or not self.mailbox(mailbox).unindexed_shards():
             return
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            return  # the peer is stopping: a task started now would be cut off; the next open lists them
         task = asyncio.get_running_loop().create_task(self._index(mailbox))
         self._indexing[mailbox] = task
         task.add_done_callback(lambda _: self._indexing.pop(mailbox, None))

@@ -438,3 +438,40 @@ def test_a_shard_a_yjs_client_brings_whole_is_stored_and_listed(tmp_path: Path) 
     asyncio.run(main())
     replica.close()
     source.close()
+
+
+def test_a_peer_that_is_stopping_starts_no_listing(tmp_path: Path) -> None:
+    """A session cut off by the peer's shutdown does not start a background listing that would be destroyed
+    unfinished with the event loop; the next open lists what is left."""
+    source = Replica.init(tmp_path / "source")
+    box = source.mailbox("default", create=True)
+    box.add(make_raw("stopping", date="02 Nov 2026 10:00:00 +0000"))
+    replica = Replica.init(tmp_path / "fresh")
+    peer = Peer(replica, bodies=False)
+    fresh = peer.mailbox("default")
+    for name in box.document_names():
+        fresh.apply_update(name, box.encode_document(name), "a link", check_causality=False)
+
+    async def main() -> list[str]:
+        started: list[str] = []
+
+        async def session() -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:  # as _Session.run ends
+                peer.index_soon("default")
+                started.extend(peer._indexing)
+
+        task = asyncio.create_task(session())
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        peer.index_soon("default")  # not stopping: this one starts
+        started.extend(peer._indexing)
+        return started
+
+    assert asyncio.run(main()) == ["default"]
+    replica.close()
+    with Replica.open(tmp_path / "fresh") as reopened:
+        assert reopened.mailbox("default").counts()["inbox"].total == 1
+    source.close()
