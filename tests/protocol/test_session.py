@@ -863,3 +863,20 @@ def test_step1_event_carries_the_validated_state_vector() -> None:
         SyncStep1Received("alice", "d", state_vector),
         UpdateReceived("alice", "d", EMPTY_UPDATE),
     ]
+
+
+def test_a_malformed_step_2_for_a_shard_asked_for_closes_the_connection_and_stores_nothing() -> None:
+    """The answer to a step 1 for a shard this replica lacks is stored as it comes once Yrs has decoded it
+    (Mailbox._store_whole): one that does not decode closes the connection, and nothing of it is kept."""
+    a = make_mailbox()
+    pair = open_pair()
+    sync = MailboxSync(pair.server, "alice", mailbox_source(a))
+    sync.start()
+    assert sync.request_document("2026-11")
+    whole = doc_with(x=1).get_update()
+    pair.server.receive_data(raw(SyncFrame("alice", "2026-11", SyncType.STEP2, whole[: len(whole) // 2])))
+    for event in pair.server.events_received():
+        sync.handle(event)
+    events = pair.server.events_received()
+    assert isinstance(events[0], ProtocolViolation) and events[0].code == CloseCode.INVALID_UPDATE
+    assert "2026-11" not in a.document_names() and a.unindexed_shards() == []
