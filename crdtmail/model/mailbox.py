@@ -645,8 +645,7 @@ class Mailbox:
     def repair_index(self) -> list[str]:
         """Rebuild the derived rows of every shard whose rows are missing or stale; returns the shards rebuilt
         (shards stored whole in a sync are indexed first, as ``index_pending`` does, and are not among them)."""
-        self._ensure_indexed()
-        indexed = self._backend.indexed_state_vectors()
+        indexed = self._listing().indexed_state_vectors()
         stored = set(self._backend.document_names())
         stale = sorted(
             {name for name in stored if is_shard_name(name) and indexed.get(name) != self._backend.state_vector(name)}
@@ -665,6 +664,8 @@ class Mailbox:
 
     def unindexed_shards(self) -> list[str]:
         """Shards stored as they arrived whose listing rows are not built yet (``index_pending`` builds them)."""
+        if not (self._unindexed or self._pending.stored_whole):
+            return []  # the usual answer, asked after every burst of frames a peer applies
         return _newest_first([*self._unindexed, *self._pending.stored_whole])
 
     def index_pending(self, limit: int | None = None) -> list[str]:
@@ -688,9 +689,12 @@ class Mailbox:
             self._announce_indexed()
         return done
 
-    def _ensure_indexed(self) -> None:
+    def _listing(self) -> MailboxBackend:
+        """The backend, for a read of the derived index: the rows of shards that arrived whole are built first,
+        so no listing or look-up ever misses a stored message."""
         if self._unindexed or self._pending.stored_whole:
             self.index_pending()
+        return self._backend
 
     def _index_shard(self, shard: _Shard) -> None:
         """Write the rows of a shard stored as it arrived; its messages are announced as added, with the origin
@@ -849,8 +853,7 @@ class Mailbox:
             raise FolderNotEmptyError(
                 f"folder {folder.path!r} has subfolders ({', '.join(c.path for c in children)}); delete them first"
             )
-        self._ensure_indexed()
-        ids = self._backend.ids_in_folder(folder.id)
+        ids = self._listing().ids_in_folder(folder.id)
         if ids and not move_to_trash:
             raise FolderNotEmptyError(
                 f"folder {folder.path!r} holds {len(ids)} messages; move them first or delete with --move-to-trash"
@@ -923,8 +926,7 @@ class Mailbox:
         prefix = id_or_prefix.strip().lower()
         if not prefix:
             raise UnknownMessageError("an empty message id matches nothing; `crdtmail ls` shows ids")
-        self._ensure_indexed()
-        matches = self._backend.find_ids(prefix, 2)
+        matches = self._listing().find_ids(prefix, 2)
         if not matches:
             raise UnknownMessageError(f"no message with id {id_or_prefix!r}; `crdtmail ls` shows ids")
         if len(matches) > 1:
@@ -932,8 +934,7 @@ class Mailbox:
         return matches[0]
 
     def _shard_of(self, message_id: str) -> _Shard:
-        self._ensure_indexed()
-        shard_name = self._backend.locate(message_id)
+        shard_name = self._listing().locate(message_id)
         if shard_name is None:
             for shard in self._shards.values():  # added in a batch not yet committed
                 if shard.visible_envelope(message_id) is not None:
@@ -964,8 +965,7 @@ class Mailbox:
     def envelopes(self, message_ids: Iterable[str]) -> dict[str, Envelope]:
         """The envelopes of the visible messages among ``message_ids`` (committed ones: their shards are looked
         up in the derived index a few hundred at a time, where ``message`` costs a look-up per message)."""
-        self._ensure_indexed()
-        rows = self._backend.rows(list(message_ids))
+        rows = self._listing().rows(list(message_ids))
         found = {}
         for message_id, row in rows.items():
             envelope = self.envelope_in(message_id, row.shard)
@@ -994,8 +994,7 @@ class Mailbox:
 
     def _row_and_shard_of(self, message_id: str) -> tuple[IndexRow | None, _Shard]:
         """A message's committed listing row (None if it has none yet) and its shard, from one look-up."""
-        self._ensure_indexed()
-        stored = self._backend.rows([message_id]).get(message_id)
+        stored = self._listing().rows([message_id]).get(message_id)
         return stored, self._load_shard(stored.shard) if stored is not None else self._shard_of(message_id)
 
     def _patched_row(self, stored: IndexRow | None, shard: _Shard, **changes: Any) -> IndexRow | None:
@@ -1060,8 +1059,7 @@ class Mailbox:
 
         ``folder_id`` in a row is the effective folder: a message placed in a deleted folder shows in the trash.
         """
-        self._ensure_indexed()
-        rows = self._backend.rows(list(message_ids))
+        rows = self._listing().rows(list(message_ids))
         live = {folder.id for folder in self.folders()}
         trash = self.role_folder(TRASH)
         return {
@@ -1074,11 +1072,7 @@ class Mailbox:
         live = {folder.id for folder in self.folders()}
         trash = self.role_folder(TRASH)
         return [row if row.folder_id in live else dataclasses.replace(row, folder_id=trash)
-                for row in self._all_rows()]
-
-    def _all_rows(self) -> Iterable[IndexRow]:
-        self._ensure_indexed()
-        return self._backend.all_rows()
+                for row in self._listing().all_rows()]
 
     def effective_folder(self, folder_id: str) -> str:
         """The folder a message placed in ``folder_id`` shows in (the trash when that folder was deleted)."""
@@ -1096,21 +1090,18 @@ class Mailbox:
         folder_ids = [target.id]
         if target.role == TRASH:
             folder_ids.extend(self._orphan_folder_ids())
-        self._ensure_indexed()
-        return self._backend.list_folder(folder_ids, max(0, offset), max(0, limit))
+        return self._listing().list_folder(folder_ids, max(0, offset), max(0, limit))
 
     def _orphan_folder_ids(self) -> list[str]:
         live = {folder.id for folder in self.folders()}
-        self._ensure_indexed()
-        return [folder_id for folder_id in self._backend.folder_counts() if folder_id not in live]
+        return [folder_id for folder_id in self._listing().folder_counts() if folder_id not in live]
 
     def counts(self) -> dict[str, FolderCount]:
         """Total and unread messages per live folder id (messages of deleted folders count in the trash)."""
         live = {folder.id for folder in self.folders()}
         result = {folder_id: FolderCount(0, 0) for folder_id in live}
         trash = self.role_folder(TRASH)
-        self._ensure_indexed()
-        for folder_id, count in self._backend.folder_counts().items():
+        for folder_id, count in self._listing().folder_counts().items():
             target = folder_id if folder_id in live else trash
             prior = result.get(target, FolderCount(0, 0))
             result[target] = FolderCount(prior.total + count.total, prior.unread + count.unread)
