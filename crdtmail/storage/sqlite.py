@@ -491,15 +491,12 @@ class SqliteMailboxBackend:
                     "SELECT 1 FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
                 ).fetchone() is None:
                     return None
-                _compact(self._connection, self.mailbox, doc_name)
-                snapshot = self._connection.execute(
-                    "SELECT data FROM snapshots WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
-                ).fetchone()
+                snapshot = _compact(self._connection, self.mailbox, doc_name)
         except sqlite3.Error as exc:
             raise _storage_error("write to", self._store.path, exc) from exc
         self._baselines.pop(doc_name, None)
         self._store.committed()
-        return bytes(snapshot[0]) if snapshot else None
+        return snapshot
 
     def fold_logs(self) -> list[str]:
         """Fold every document's log into its snapshot; returns their names.
@@ -510,15 +507,8 @@ class SqliteMailboxBackend:
         self._settle()
         names = [row[0] for row in self._store._query(
             "SELECT name FROM documents WHERE mailbox = ? AND log_count > 0 ORDER BY name", (self.mailbox,))]
-        try:
-            for name in names:
-                with _transaction(self._connection):
-                    _compact(self._connection, self.mailbox, name)
-                self._baselines.pop(name, None)
-        except sqlite3.Error as exc:
-            raise _storage_error("write to", self._store.path, exc) from exc
-        if names:
-            self._store.committed()
+        for name in names:
+            self.fold_document(name)
         return names
 
     def _settle(self) -> None:
@@ -791,8 +781,8 @@ def _append_updates(connection: sqlite3.Connection, mailbox: str, batch: CommitB
             _compact(connection, mailbox, name, fold_hint)
     return snapshots
 
-def _compact(connection: sqlite3.Connection, mailbox: str, name: str, fold_hint: _FoldHint | None = None) -> None:
-    """Fold the log into a new snapshot, inside the caller's transaction.
+def _compact(connection: sqlite3.Connection, mailbox: str, name: str, fold_hint: _FoldHint | None = None) -> bytes:
+    """Fold the log into a new snapshot, inside the caller's transaction; returns the snapshot.
 
     Merging the log costs milliseconds per fold on the commit path (the one-hop latency tail) and keeps every
     overwritten flag value; the in-memory document's encoding, when ``fold_hint`` can vouch for it, costs
@@ -827,6 +817,7 @@ def _compact(connection: sqlite3.Connection, mailbox: str, name: str, fold_hint:
     connection.execute(
         "DELETE FROM updates WHERE mailbox = ? AND name = ? AND id <= ?", (mailbox, name, last_id)
     )
+    return bytes(merged)
 
 
 class _Checkpointer:
