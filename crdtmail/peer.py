@@ -150,7 +150,7 @@ class _Session:
                         if not self.connection.is_open and self.connection.close_code is not None:
                             break
                 self.flush()
-                for name in self.synced:  # a shard asked for after the sync (request_shard) arrives whole too
+                for name in self.synced:  # list what arrived whole: the first sync, a shard asked for after it
                     self.peer.index_soon(name)
                 if not self.connection.is_open and self.connection.close_code is not None:
                     break
@@ -200,7 +200,6 @@ class _Session:
                         self.synced.add(follow_up.mailbox)
                         self.last_sync = time.time()
                         log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
-                        self.peer.index_soon(follow_up.mailbox)
                         missing = self.peer.missing_body_sizes(follow_up.mailbox)
                         self.want_bodies(sorted(missing), sizes={h: n for h, n in missing.items() if n is not None})
 
@@ -380,8 +379,8 @@ class Peer:
             session.on_change(mailbox, change)
 
     def index_soon(self, mailbox: str) -> None:
-        """Build the listing rows of the shards that arrived whole in a sync (``Mailbox.index_pending``) in the
-        background, a shard per turn of the event loop, so links keep being served meanwhile."""
+        """Build the listing rows of the shards that arrived whole (``Mailbox.index_pending``) in the background,
+        a shard per turn of the event loop, so links keep being served meanwhile."""
         if mailbox in self._indexing or not self.mailbox(mailbox).unindexed_shards():
             return
         current = asyncio.current_task()
