@@ -407,7 +407,7 @@ class Peer:
                 if not done:
                     break
                 indexed += len(done)
-        except (CrdtmailError, ValueError) as exc:  # a store that cannot be written, or a shard that cannot be read
+        except CrdtmailError as exc:  # a store that cannot be written, or a stored shard that cannot be decoded
             log.error("mailbox %s: building the listing of %s failed: %s; it is tried again when the mailbox is "
                       "next read or opened", name, ", ".join(mailbox.unindexed_shards()), exc)
             return

@@ -890,7 +890,8 @@ class MailboxSync:
     Relaying makes the same update bytes reach a peer over several paths, and in a mesh with a cycle they
     would go round it for ever (a Mailbox reports a duplicate it applied as a change like any other). So each
     MailboxSync remembers digests of the last ``RELAY_MEMORY`` updates that crossed its connection, either way,
-    and never sends or applies the same bytes twice on it.
+    and never sends or applies the same bytes twice on it (step 2 answers are left out: they are never relayed as
+    themselves).
 
     ``is_synced`` turns True (and ``handle`` returns ``SyncComplete`` once) when the peer's CATALOG was handled
     and every step 1 sent got its step 2.
