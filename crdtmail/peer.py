@@ -140,20 +140,7 @@ class _Session:
             if self.connection.role is Role.CLIENT:
                 self.connection.send_hello(self.peer.peer_id, self.wanted)
                 self.flush()
-            async for frames in self.link.frame_batches():
-                # A burst that arrived together is applied under one commit per mailbox (relayed at that commit):
-                # a peer that fell behind catches up instead of paying a commit per update.
-                with self._one_commit() if len(frames) > 1 else contextlib.nullcontext():
-                    for frame in frames:
-                        self.connection.receive_data(frame)
-                        self.handle_events()
-                        if not self.connection.is_open and self.connection.close_code is not None:
-                            break
-                self.flush()
-                for name in self.synced:  # list what arrived whole: the first sync, a shard asked for after it
-                    self.peer.index_soon(name)
-                if not self.connection.is_open and self.connection.close_code is not None:
-                    break
+            await self.link.deliver(self._take_frames)
             if self.connection.close_code is None:
                 self.connection.connection_lost()
                 self.handle_events()
@@ -161,6 +148,22 @@ class _Session:
             self.peer.sessions.discard(self)
             for name in self.syncs:  # a sync cut short may have stored shards too
                 self.peer.index_soon(name)
+
+    def _take_frames(self, frames: list[bytes]) -> bool:
+        """The frames one read of the link brought (called inside the transport's read callback); False once
+        the connection has ended."""
+        # A burst that arrived together is applied under one commit per mailbox (relayed at that commit): a peer
+        # that fell behind catches up instead of paying a commit per update.
+        with self._one_commit() if len(frames) > 1 else contextlib.nullcontext():
+            for frame in frames:
+                self.connection.receive_data(frame)
+                self.handle_events()
+                if not self.connection.is_open and self.connection.close_code is not None:
+                    break
+        self.flush()
+        for name in self.synced:  # list what arrived whole: the first sync, a shard asked for after it
+            self.peer.index_soon(name)
+        return self.connection.is_open or self.connection.close_code is None
 
     def _one_commit(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

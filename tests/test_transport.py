@@ -334,3 +334,119 @@ def test_stop_abandons_a_connection_attempt_in_progress() -> None:
         await silent.wait_closed()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_deliver_hands_frames_over_inside_the_read_callback_in_order() -> None:
+    """Frames that arrived before ``deliver`` come first; later ones are handed over as they are read (no task
+    is running: the transport's callback calls the handler); a fragmented message arrives whole."""
+    received: list[bytes] = []
+    in_a_task: list[bool] = []
+    done = asyncio.Event()
+
+    async def reader(link: Link) -> None:
+        await asyncio.sleep(0.3)  # the first burst is queued by now
+
+        def handle(frames: list[bytes]) -> bool:
+            in_a_task.append(asyncio.current_task() is not None)
+            received.extend(frames)
+            if len(received) == 21:
+                done.set()
+            return True
+
+        await link.deliver(handle)
+
+    async def main() -> None:
+        server = await serve_links(reader, authenticate=authenticate)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                               additional_headers={"Authorization": f"Bearer {TOKEN}"}) as websocket:
+                for n in range(10):
+                    await websocket.send(bytes([n]) * 100)
+                await asyncio.sleep(0.6)
+                for n in range(10, 20):
+                    await websocket.send(bytes([n]) * 100)
+                await websocket.send([b"frag", b"mented"])  # three frames: two fragments and the end
+                await asyncio.wait_for(done.wait(), 5)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert received == [bytes([n]) * 100 for n in range(20)] + [b"fragmented"]
+    assert in_a_task[0] is True  # what was queued is handed over from deliver itself
+    assert not any(in_a_task[1:])  # the rest from the read callback
+
+
+@pytest.mark.timeout(30)
+def test_deliver_stops_at_a_text_frame_and_a_failing_handler_closes_the_link() -> None:
+    outcomes: list[Any] = []
+
+    async def reader(link: Link) -> None:
+        def handle(frames: list[bytes]) -> bool:
+            outcomes.extend(frames)
+            if b"fail" in frames:
+                raise ValueError("handler failed")
+            return True
+
+        try:
+            await link.deliver(handle)
+        except ValueError as exc:
+            outcomes.append(exc)
+
+    async def main() -> list[int | None]:
+        server = await serve_links(reader, authenticate=authenticate)
+        codes: list[int | None] = []
+        try:
+            for last in ("then text", b"fail"):
+                async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                                   additional_headers={"Authorization": f"Bearer {TOKEN}"}) as websocket:
+                    await websocket.send(b"binary first")
+                    await websocket.send(last)
+                    await asyncio.wait_for(websocket.wait_closed(), 5)
+                    codes.append(websocket.close_code)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return codes
+
+    assert asyncio.run(main()) == [1003, 1011]
+    assert outcomes[:3] == [b"binary first", b"binary first", b"fail"]
+    assert isinstance(outcomes[3], ValueError)
+
+
+@pytest.mark.timeout(30)
+def test_frames_nobody_takes_stop_the_reading_instead_of_growing_memory() -> None:
+    """With ``incoming_queue`` frames waiting the socket is not read: the queue holds at most that and what one
+    read brought, and every frame arrives, in order, once the link is read."""
+    limits = TransportLimits(incoming_queue=4)
+    seen: dict[str, Any] = {"max_waiting": 0}
+    frame_count, frame_size = 200, 16 * 1024
+
+    async def reader(link: Link) -> None:
+        for _ in range(20):  # not reading for a while; the sender keeps sending
+            await asyncio.sleep(0.05)
+            seen["max_waiting"] = max(seen["max_waiting"], link.frames_waiting)
+        frames = []
+        async for frame in link.frames():
+            frames.append(frame)
+            if len(frames) == frame_count:
+                break
+        seen["frames"] = frames
+
+    async def main() -> None:
+        server = await serve_links(reader, authenticate=authenticate, limits=limits)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                               additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                               compression=None) as websocket:
+                for n in range(frame_count):
+                    await websocket.send(n.to_bytes(4, "big") * (frame_size // 4))
+                await asyncio.wait_for(websocket.wait_closed(), 10)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert [int.from_bytes(frame[:4], "big") for frame in seen["frames"]] == list(range(frame_count))
+    assert 4 <= seen["max_waiting"] <= 4 + 256 * 1024 // frame_size + 1
