@@ -1,15 +1,16 @@
 """WebSocket transport: the thin asyncio shell around the sans-I/O protocol.
 
 A ``Link`` is one open WebSocket, from either side, carrying whole binary frames: ``send`` never blocks (it
-writes to the socket at once, or queues within a byte bound); ``deliver`` hands what arrives to a callback inside
-the read callback (a peer's sessions: no queue and no task switch on a hop), ``frames`` yields it from a queue. ``serve`` accepts links after checking the device
-token at the HTTP upgrade (401 and not a byte more without a valid one); ``Dialer`` keeps one outgoing link up,
-reconnecting with capped, jittered exponential backoff.
+writes to the socket at once, or queues within a byte bound); ``deliver`` hands what arrives to a callback
+inside the read callback (a peer's sessions: no queue and no task switch on a hop), ``frames`` yields it from a
+queue. ``serve`` accepts links after checking the device token at the HTTP upgrade (401 and not a byte more
+without a valid one); ``Dialer`` keeps one outgoing link up, reconnecting with capped, jittered exponential
+backoff.
 
-Every buffer a remote peer can fill is bounded: incoming frames by ``max_frame_bytes`` and ``incoming_queue`` (a
-full queue stops the reading of the socket),
-outgoing bytes by ``max_pending_send_bytes``; a peer that reads too slowly is closed (code 1013) rather than
-allowed to grow this process's memory. It resyncs when it reconnects.
+Every buffer a remote peer can fill is bounded: incoming frames by ``max_frame_bytes`` and ``incoming_queue``
+(a full queue stops the reading of the socket), outgoing bytes by ``max_pending_send_bytes``; a peer that reads
+too slowly is closed (code 1013) rather than allowed to grow this process's memory. It resyncs when it
+reconnects.
 """
 
 from __future__ import annotations
