@@ -37,7 +37,7 @@ def describe(path: str) -> bytes:
     parsed = read_and_parse(path)
     if isinstance(parsed, str):
         return orjson.dumps({"error": parsed})
-    return orjson.dumps({"id": parsed.message_id, "shard": parsed.shard, "envelope": parsed.envelope.to_crdt()})
+    return orjson.dumps({"id": parsed.message_id, "shard": parsed.shard, "envelope": parsed.envelope.to_dict()})
 
 
 def main() -> int:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from crdtmail.errors import MessageParseError
 
 UNDATED = "undated"
@@ -42,8 +44,17 @@ class Envelope:
     size: int
     body_sha256: str
 
-    def to_crdt(self) -> dict[str, Any]:
-        """The plain value stored in a shard's ``messages`` map (short keys: they repeat in every message)."""
+    def to_crdt(self) -> str:
+        """The value stored in a shard's ``messages`` map: the fields as one JSON string (short keys).
+
+        One string per message, not an object: Yrs decodes an update of them three times faster (the 100k
+        generated mailbox: 101 ms against 294 ms for its 37 MB; a shard arriving in a sync is decoded before it
+        is stored), for 7% more bytes. Envelopes never change, so nothing needs their fields to merge apart.
+        """
+        return orjson.dumps(self.to_dict()).decode()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields under their stored keys (``to_crdt`` before encoding)."""
         value: dict[str, Any] = {
             "mid": self.message_id_header,
             "from": self.sender,
@@ -61,7 +72,13 @@ class Envelope:
 
     @classmethod
     def from_crdt(cls, value: Any) -> Envelope:
-        """Read a stored value back, normalising pycrdt's floats to ints and tolerating missing fields."""
+        """Read a stored value back: a JSON string, or an object as the first schema stored them (pycrdt gives
+        its numbers back as floats); missing or malformed fields read as empty."""
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                value = None
         if not isinstance(value, dict):
             value = {}
         date = value.get("date")

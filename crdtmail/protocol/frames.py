@@ -50,8 +50,10 @@ __all__ = [
     "websocket_close_code",
 ]
 
-PROTOCOL_VERSION = 1
-"""The version this implementation speaks; HELLO and WELCOME carry it, and peers must speak the same one."""
+PROTOCOL_VERSION = 2
+"""The version this implementation speaks; HELLO and WELCOME carry it, and peers must speak the same one.
+
+2: the frames of 1, with shard envelopes stored as JSON strings (a version-1 peer would read them as empty)."""
 
 MAX_REASON_BYTES = 1024
 """Longest refusal or close reason on the wire (UTF-8 bytes); longer local reasons are cut at a character."""

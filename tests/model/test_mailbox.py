@@ -263,6 +263,28 @@ def test_remote_updates_apply_and_fire_events_with_origin() -> None:
         b.apply_update("index", outbox[0][1], origin=LOCAL)
 
 
+def test_envelopes_stored_as_objects_by_the_first_schema_are_read_and_listed(backend: MailboxBackend) -> None:
+    """A shard written when envelopes were objects (as version-1 peers sent them) reads and lists the same."""
+    from pycrdt import Doc, Map
+
+    source = Mailbox("m", MemoryBackend())
+    added = source.add(make_raw("Old form"), flags=["seen"])
+    envelope = source.message(added.message_id).envelope
+    old = Doc()
+    with old.transaction():
+        old.get("messages", type=Map)[added.message_id] = {
+            key: float(value) if isinstance(value, int) else value for key, value in envelope.to_dict().items()}
+        old.get("flags", type=Map)[added.message_id + "/\\Seen"] = True
+    mailbox = Mailbox("m", backend)
+    mailbox.apply_update(source.message(added.message_id).shard, old.get_update(), origin="old-peer")
+    assert mailbox.message(added.message_id).envelope == envelope
+    assert mailbox.message(added.message_id).flags == {"\\Seen"}
+    (row,) = mailbox.list_folder("INBOX")
+    assert (row.message_id, row.subject, row.date, row.size) == (added.message_id, "Old form", envelope.date,
+                                                                  envelope.size)
+    assert list(mailbox.all_envelopes()) == [envelope]
+
+
 def test_updates_are_announced_before_their_commit_with_their_origin(backend: MailboxBackend) -> None:
     """observe_updates sees each update before the store has it (a peer sends it on without waiting for the
     disk), then observe sees the committed change with the same bytes; a duplicate is announced to no one."""

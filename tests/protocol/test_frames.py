@@ -49,12 +49,12 @@ SV = encode_state_vector({7: 3})
 # Every example of docs/protocol.md, byte for byte.
 GOLDEN: list[tuple[Frame, bytes]] = [
     (
-        HelloFrame(1, "phone", ("alice",), Feature.BLOBS),
-        bytes.fromhex("00 01 05") + b"phone" + bytes.fromhex("01 05") + b"alice" + bytes.fromhex("01"),
+        HelloFrame(2, "phone", ("alice",), Feature.BLOBS),
+        bytes.fromhex("00 02 05") + b"phone" + bytes.fromhex("01 05") + b"alice" + bytes.fromhex("01"),
     ),
     (
-        WelcomeFrame(1, "desk", ("alice",), 0),
-        bytes.fromhex("01 01 04") + b"desk" + bytes.fromhex("01 05") + b"alice" + bytes.fromhex("00"),
+        WelcomeFrame(2, "desk", ("alice",), 0),
+        bytes.fromhex("01 02 04") + b"desk" + bytes.fromhex("01 05") + b"alice" + bytes.fromhex("00"),
     ),
     (
         RefuseFrame(CloseCode.VERSION_MISMATCH, "v"),
@@ -233,8 +233,9 @@ def _sync(mailbox: bytes = b"\x05alice", document: bytes = b"\x05index", rest: b
         (_sync(rest=b"\x02" + encode_varuint(2**40)), FrameTooLargeError, "over the limit"),
         (_sync(rest=b"\x02\x05\x00"), FrameError, "truncated"),
         (_sync(rest=b"\x00\x02\x05\x01"), FrameError, "state vector"),
-        (b"\x00\x01\x00\x02\x01a\x01a\x00", FrameError, "listed twice"),
-        (b"\x00\x01\x00" + encode_varuint(65) + b"\x01a" * 65 + b"\x00", FrameTooLargeError, "over the limit of 64"),
+        (bytes([0, PROTOCOL_VERSION]) + b"\x00\x02\x01a\x01a\x00", FrameError, "listed twice"),
+        (bytes([0, PROTOCOL_VERSION, 0]) + encode_varuint(65) + b"\x01a" * 65 + b"\x00", FrameTooLargeError,
+         "over the limit of 64"),
         (b"\x04\x01m\x02\x01d\x01\x00\x01d\x01\x00", FrameError, "listed twice"),
         (b"\x04\x01m\x01\x01d\x02\x01\x05", FrameError, "state vector of 'd'"),
         (b"\x05\x02" + b"\x11" * 64, FrameError, "wanted twice"),
@@ -260,8 +261,8 @@ def test_oversized_frame_is_rejected_before_decoding() -> None:
 
 
 def test_hello_of_another_version_is_read_only_up_to_its_version() -> None:
-    future = b"\x00\x02" + b"whatever version 2 puts here \xff\xff"
-    assert decode_frame(future) == HelloFrame(2, "", ())
+    future = b"\x00\x03" + b"whatever version 3 puts here \xff\xff"
+    assert decode_frame(future) == HelloFrame(3, "", ())
     assert decode_frame(b"\x01\x07\x00") == WelcomeFrame(7, "", ())
 
 
@@ -271,7 +272,7 @@ def test_limits_apply_on_decode() -> None:
     with pytest.raises(FrameTooLargeError):
         decode_frame(encode_frame(CatalogFrame("m", (CatalogEntry("a"), CatalogEntry("b")))), limits=limits)
     with pytest.raises(FrameTooLargeError):
-        decode_frame(encode_frame(HelloFrame(1, "", ("a", "b"))), limits=limits)
+        decode_frame(encode_frame(HelloFrame(PROTOCOL_VERSION, "", ("a", "b"))), limits=limits)
     with pytest.raises(FrameTooLargeError):
         decode_frame(encode_frame(BlobWantFrame(("11" * 32, "22" * 32))), limits=limits)
     with pytest.raises(FrameTooLargeError):
@@ -292,7 +293,7 @@ def test_encode_validates_fields() -> None:
     with pytest.raises(FrameError, match="state vector"):
         encode_frame(SyncFrame("m", "d", SyncType.STEP1, b"\x01"))
     with pytest.raises(FrameError, match="listed twice"):
-        encode_frame(HelloFrame(1, "p", ("a", "a")))
+        encode_frame(HelloFrame(PROTOCOL_VERSION, "p", ("a", "a")))
     with pytest.raises(FrameError, match="listed twice"):
         encode_frame(CatalogFrame("m", (CatalogEntry("d"), CatalogEntry("d"))))
     with pytest.raises(FrameError, match="SHA-256"):

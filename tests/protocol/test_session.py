@@ -21,6 +21,7 @@ from crdtmail.protocol.encoding import encode_state_vector
 from crdtmail.protocol.frames import (
     DEFAULT_LIMITS,
     EMPTY_UPDATE,
+    PROTOCOL_VERSION,
     BlobChunkFrame,
     BlobMissingFrame,
     BlobWantFrame,
@@ -157,13 +158,13 @@ def test_server_refuses() -> None:
 
 
 def test_version_mismatch_is_refused_naming_both_versions() -> None:
-    pair = SessionPair(client_version=2)
+    pair = SessionPair(client_version=PROTOCOL_VERSION + 1)
     pair.client.send_hello("phone", ["alice"])
     pair.pump()
     refused = pair.client_events[0]
     assert isinstance(refused, Refused)
     assert refused.code == CloseCode.VERSION_MISMATCH
-    assert "version 2" in refused.reason and "version 1" in refused.reason
+    assert f"version {PROTOCOL_VERSION + 1}" in refused.reason and f"version {PROTOCOL_VERSION}" in refused.reason
     assert isinstance(pair.server_events[0], ProtocolViolation)
     assert not any(isinstance(event, HelloReceived) for event in pair.server_events)
     assert pair.frames() == [FrameType.HELLO, FrameType.REFUSE]
@@ -173,18 +174,18 @@ def test_version_mismatch_is_refused_naming_both_versions() -> None:
 def test_client_checks_the_welcome() -> None:
     client = SyncConnection(Role.CLIENT)
     client.send_hello("phone", ["alice"])
-    client.receive_data(b"\x01\x02")  # a WELCOME of version 2
-    assert_violation(client, CloseCode.VERSION_MISMATCH, "server speaks version 2")
+    client.receive_data(bytes([1, PROTOCOL_VERSION + 1]))  # a WELCOME of the next version
+    assert_violation(client, CloseCode.VERSION_MISMATCH, f"server speaks version {PROTOCOL_VERSION + 1}")
 
     client = SyncConnection(Role.CLIENT)
     client.send_hello("phone", ["alice"])
-    client.receive_data(raw(WelcomeFrame(1, "desk", ("alice", "carol"))))
+    client.receive_data(raw(WelcomeFrame(PROTOCOL_VERSION, "desk", ("alice", "carol"))))
     assert_violation(client, CloseCode.UNAUTHORIZED, "carol")
 
 
 def test_server_cannot_grant_what_was_not_asked_for() -> None:
     server = SyncConnection(Role.SERVER)
-    server.receive_data(raw(HelloFrame(1, "phone", ("alice",))))
+    server.receive_data(raw(HelloFrame(PROTOCOL_VERSION, "phone", ("alice",))))
     with pytest.raises(UnauthorizedMailboxError):
         server.welcome("desk", ["bob"])
     assert server.state is State.HELLO_RECEIVED
@@ -294,7 +295,7 @@ def test_sync_before_hello() -> None:
 
 def test_sync_before_welcome_is_refused() -> None:
     server = SyncConnection(Role.SERVER)
-    server.receive_data(raw(HelloFrame(1, "phone", ("alice",))))
+    server.receive_data(raw(HelloFrame(PROTOCOL_VERSION, "phone", ("alice",))))
     assert isinstance(server.events_received()[0], HelloReceived)
     server.receive_data(raw(CatalogFrame("alice", ())))
     violation = assert_violation(server, CloseCode.UNEXPECTED_FRAME, "CATALOG")
@@ -303,16 +304,16 @@ def test_sync_before_welcome_is_refused() -> None:
 
 def test_client_must_not_receive_hello_and_server_must_not_receive_welcome() -> None:
     pair = open_pair()
-    pair.client.receive_data(raw(HelloFrame(1, "x", ())))
+    pair.client.receive_data(raw(HelloFrame(PROTOCOL_VERSION, "x", ())))
     assert_violation(pair.client, CloseCode.UNEXPECTED_FRAME, "HELLO")
     server = SyncConnection(Role.SERVER)
-    server.receive_data(raw(WelcomeFrame(1, "x", ())))
+    server.receive_data(raw(WelcomeFrame(PROTOCOL_VERSION, "x", ())))
     assert_violation(server, CloseCode.UNEXPECTED_FRAME, "WELCOME")
 
 
 def test_second_hello() -> None:
     pair = open_pair()
-    pair.server.receive_data(raw(HelloFrame(1, "phone", ("alice",))))
+    pair.server.receive_data(raw(HelloFrame(PROTOCOL_VERSION, "phone", ("alice",))))
     assert_violation(pair.server, CloseCode.UNEXPECTED_FRAME, "HELLO frame in state open")
 
 
@@ -354,7 +355,7 @@ def test_too_many_documents_in_a_catalog() -> None:
 
 def test_malformed_frame_during_the_handshake_is_refused() -> None:
     server = SyncConnection(Role.SERVER)
-    server.receive_data(raw(HelloFrame(1, "phone", ("alice",))))
+    server.receive_data(raw(HelloFrame(PROTOCOL_VERSION, "phone", ("alice",))))
     server.events_received()
     server.receive_data(b"\x03\x01")
     assert_violation(server, CloseCode.MALFORMED_FRAME)  # sent as a REFUSE: the client waits for one
