@@ -74,6 +74,10 @@ _DELIVER_EVERY = 500
 _WORKER_THRESHOLD = 2000  # new files from which reading and parsing move to a worker process
 _WORKER_CHUNK = 256
 _MAX_ARRIVED_BYTES = 64 * 1024 * 1024  # bodies held in memory between arrival and delivery
+# Bodies handed to the writers and not yet in place: past this a pass leaves the rest for the pass that follows
+# the writes (a disk slower than the link would otherwise hold every body of a first mirror in memory).
+_MAX_WRITING_BYTES = 64 * 1024 * 1024
+_GROUP_BYTES = 16 * 1024 * 1024  # a group of deliveries goes to the writers at _DELIVER_EVERY files or this size
 _WRITE_STREAMS = 8  # deliveries of a group written side by side (fsyncs in flight together), each in order
 # From this many files a group goes to the write worker process (write_worker.py: one syncfs for the group, no GIL
 # hand-offs in this process). A smaller one (the usual single delivery) is written here, an fsync per file, so it
@@ -96,6 +100,7 @@ class PassReport:
     copies: int = 0
     folders_changed: int = 0
     waiting_for_bodies: int = 0
+    waiting_for_the_disk: int = 0  # deliveries left for the next pass: the writers had enough in hand
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -112,6 +117,7 @@ class PassReport:
             ("delivered", self.delivered), ("renamed", self.renamed),
             ("moved_to_expunged_area", self.moved_to_expunged_area), ("copies", self.copies),
             ("folders_changed", self.folders_changed), ("waiting_for_bodies", self.waiting_for_bodies),
+            ("waiting_for_the_disk", self.waiting_for_the_disk),
         ) if value]
         if self.problems:
             parts.append(f"{len(self.problems)} problems")
@@ -163,6 +169,7 @@ class MaildirBridge:
         self._arrived_bytes = 0
         self._jobs: list[_DeliveryJob] = []
         self._in_flight: set[str] = set()  # messages whose delivery is being written
+        self._writing_bytes = 0  # the bodies of self._jobs (see _MAX_WRITING_BYTES)
         self._write_worker: WriteWorker | None = None  # started by the first large group
         self._own_paths: set[str] = set()  # files this bridge delivered, whose watcher events are no news
         self._changed_in_flight: set[str] = set()
@@ -800,7 +807,17 @@ class MaildirBridge:
             # One look-up for the bodies that did not come straight from a peer, not one per message (most of
             # a first mirror's messages wait for bodies that are nowhere yet).
             stored = self._stored_blobs([sha256 for _, sha256 in hashes if sha256 and sha256 not in self._arrived])
-        for row, sha256 in hashes:
+        ready_bytes = 0
+        for index, (row, sha256) in enumerate(hashes):
+            if self._writing_bytes + ready_bytes >= _MAX_WRITING_BYTES:
+                self.finish_deliveries()
+                if self._writing_bytes + ready_bytes >= _MAX_WRITING_BYTES:
+                    # The writers are behind: the rest waits (its bodies where they are) for the pass that
+                    # follows their writes (on_background_done).
+                    deferred = [later.message_id for later, _ in hashes[index:]]
+                    self.dirty_messages.update(deferred)
+                    report.waiting_for_the_disk += len(deferred)
+                    break
             body = self._arrived.pop(sha256, None)
             if body is not None:
                 self._arrived_bytes -= len(body)
@@ -816,9 +833,11 @@ class MaildirBridge:
             self.waiting_bodies.pop(sha256, None)
             self._waiting_hash.pop(row.message_id, None)
             ready.append((row, sha256, body))
-            if len(ready) >= _DELIVER_EVERY:
+            ready_bytes += len(body)
+            if len(ready) >= _DELIVER_EVERY or ready_bytes >= _GROUP_BYTES:
                 self._deliver_group(ready, report)
                 ready = []
+                ready_bytes = 0
         if ready:
             self._deliver_group(ready, report)
 
@@ -852,7 +871,8 @@ class MaildirBridge:
                       for start in range(min(_WRITE_STREAMS, len(files)))]
             # The directory fsyncs run on a writer thread too, once every file of the group is in place.
             done = _writers().submit(_settle_group, writes, directories)
-        job = _DeliveryJob(planned, entries, done)
+        job = _DeliveryJob(planned, entries, done, sum(len(p.body) for p in planned))
+        self._writing_bytes += job.size
         for item in planned:
             self._in_flight.add(item.row.message_id)
             self._own_paths.add(self.path_text(item.final))
@@ -873,6 +893,7 @@ class MaildirBridge:
             if not wait and not job.done.done():
                 break
             self._jobs.pop(0)
+            self._writing_bytes -= job.size
             try:
                 job.done.result()
             except BaseException:
@@ -961,6 +982,7 @@ class _DeliveryJob:
     planned: list[_Planned]
     entries: list[int]
     done: concurrent.futures.Future[None]  # every file written, fsynced and renamed, and the directories fsynced
+    size: int  # bytes of the bodies
 
 
 def _parsed_files(bridge: MaildirBridge, files: list[MaildirFile]) -> Iterator[tuple[MaildirFile, ParsedMessage | str]]:

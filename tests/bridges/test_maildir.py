@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -495,6 +496,43 @@ def test_a_large_group_of_deliveries_is_written_by_the_worker_process(desk: Desk
     assert desk.file_of(one).exists() and worker.pid == pid
     desk.bridge.close()
     assert worker.pid is None and desk.bridge._write_worker is None
+
+
+def test_a_disk_slower_than_the_link_holds_back_deliveries_instead_of_their_bodies(
+        desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the writers behind, a pass hands them no more than the cap in bodies and leaves the rest for the pass
+    after their writes; every message still arrives, once."""
+    import threading
+
+    import crdtmail.bridges.maildir as bridge_module
+
+    raws = [make_raw(f"slow disk {n:02d}", body="x" * 2000) for n in range(12)]
+    size = min(map(len, raws))  # they differ by a byte or two
+    monkeypatch.setattr(bridge_module, "_MAX_WRITING_BYTES", 3 * size)  # three bodies
+    monkeypatch.setattr(bridge_module, "_GROUP_BYTES", size)  # a group per body
+    disk = threading.Event()
+    settle = bridge_module._settle_group
+
+    def slow_settle(writes: list[Any], directories: set[str]) -> None:
+        disk.wait(10)
+        settle(writes, directories)
+
+    monkeypatch.setattr(bridge_module, "_settle_group", slow_settle)
+    ids = [desk.box.add(raw).message_id for raw in raws]
+    desk.bridge.background_writes = True
+    report, _ = desk.bridge.quick_pass()
+    assert report.delivered == 3 and report.waiting_for_the_disk == 9
+    assert desk.bridge._writing_bytes < 4 * size
+    report, _ = desk.bridge.quick_pass()  # the writers still have their hands full: nothing more taken
+    assert report.delivered == 0 and report.waiting_for_the_disk == 9
+    disk.set()
+    for _ in range(20):
+        desk.bridge.finish_deliveries(wait=True)
+        if all(desk.bridge.state.primary(message_id) is not None for message_id in ids):
+            break
+        desk.bridge.quick_pass()
+    assert [desk.file_of(message_id).read_bytes() for message_id in ids] == raws
+    assert sum(len(found) for found in desk.files().values()) == len(raws)
 
 
 def test_a_killed_worker_process_is_started_again_for_the_next_group(desk: Desk) -> None:
