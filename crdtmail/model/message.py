@@ -79,18 +79,29 @@ class Envelope:
                 value = orjson.loads(value)
             except orjson.JSONDecodeError:
                 value = None
-        if not isinstance(value, dict):
-            value = {}
-        date = value.get("date")
+        return cls.from_fields(value if isinstance(value, dict) else {})
+
+    @classmethod
+    def from_fields(cls, value: dict[str, Any]) -> Envelope:
+        """An envelope from its stored fields (``to_dict``'s keys), checking and normalising each."""
+        get = value.get
+        mid, sender, to, cc, subject = get("mid", ""), get("from", ""), get("to", ""), get("cc", ""), get("subj", "")
+        date, size, body = get("date"), get("size", 0), get("body", "")
+        # What this code writes takes the short way; anything else (pycrdt's floats, a hostile peer's values) is
+        # normalised field by field.
+        if (type(mid) is str and type(sender) is str and type(to) is str and type(cc) is str
+                and type(subject) is str and type(body) is str and type(size) is int
+                and (date is None or type(date) is int)):
+            return cls(mid, sender, to, cc, subject, date, size, body)
         return cls(
-            message_id_header=_as_str(value.get("mid")),
-            sender=_as_str(value.get("from")),
-            to=_as_str(value.get("to")),
-            cc=_as_str(value.get("cc")),
-            subject=_as_str(value.get("subj")),
+            message_id_header=_as_str(mid),
+            sender=_as_str(sender),
+            to=_as_str(to),
+            cc=_as_str(cc),
+            subject=_as_str(subject),
             date=_as_int(date) if date is not None else None,
-            size=_as_int(value.get("size")) or 0,
-            body_sha256=_as_str(value.get("body")),
+            size=_as_int(size) or 0,
+            body_sha256=_as_str(body),
         )
 
 
