@@ -488,6 +488,7 @@ def _status_payload(peer: Peer) -> dict[str, Any]:
         "peer_id": peer.peer_id,
         "written": time.time(),
         "sessions": [vars(status) for status in peer.status()],
+        "mailboxes": peer.mailbox_status(),
         "dialers": [{"url": d.url, "connections": d.connections, "last_error": d.last_error} for d in peer.dialers],
     }
 
@@ -632,6 +633,10 @@ def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
         last = _format_date(int(session["last_sync"])) if session["last_sync"] else "never"
         out.write(f"connected ({session['role']}) to {session['remote_peer']}: {', '.join(session['mailboxes'])}; "
                   f"in sync: {', '.join(session['synced']) or 'not yet'}; last sync {last}\n")
+    for name, pending in live.get("mailboxes", {}).items():
+        waiting = [f"{count} {what.replace('_', ' ')}" for what, count in pending.items() if count]
+        if waiting:
+            out.write(f"mailbox {name}: {', '.join(waiting)}\n")
     for dialer in live["dialers"]:
         if dialer["last_error"]:
             out.write(f"{dialer['url']}: {dialer['last_error']}\n")

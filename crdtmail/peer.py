@@ -546,6 +546,12 @@ class Peer:
         """The connected peers, their mailboxes and sync state."""
         return [session.status() for session in self.sessions]
 
+    def mailbox_status(self) -> dict[str, dict[str, int]]:
+        """Per mailbox this peer shares: remote updates held back until the updates they depend on arrive, and
+        shards that arrived whole whose messages are not listed yet (``index_soon`` is on them)."""
+        return {name: {"held_updates": mailbox.held_updates(), "shards_to_list": len(mailbox.unindexed_shards())}
+                for name, mailbox in sorted(self._mailboxes.items())}
+
     async def wait_synced(self, mailbox: str, *, timeout: float, condition: Callable[[], bool] | None = None) -> bool:
         """Wait until some link reports ``mailbox`` in sync (and ``condition`` holds); False on timeout."""
         deadline = time.monotonic() + timeout

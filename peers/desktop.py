@@ -310,6 +310,7 @@ class DesktopPeer:
             "peer_id": self.peer.peer_id,
             "written": time.time(),
             "sessions": [vars(status) for status in self.peer.status()],
+            "mailboxes": self.peer.mailbox_status(),
             "dialers": [{"url": d.url, "connections": d.connections, "last_error": d.last_error}
                         for d in self.peer.dialers],
             "bridges": {name: describe(lane.bridge) for name, lane in self.lanes.items()},

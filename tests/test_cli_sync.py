@@ -82,6 +82,7 @@ def test_serve_connect_sync_both_ways(tmp_path: Path) -> None:
 
         peers = as_json(desktop, "peers")
         assert peers["running"] is not None
+        assert peers["running"]["mailboxes"] == {"default": {"held_updates": 0, "shards_to_list": 0}}
 
         # With the phone staying connected, `status` on either side shows the session and what is in sync.
         with serving(phone):

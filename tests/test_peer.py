@@ -405,8 +405,10 @@ def test_index_now_lists_every_shard_that_arrived_whole(tmp_path: Path) -> None:
     for name in box.document_names():
         fresh.apply_update(name, box.encode_document(name), "a link", check_causality=False)
     assert fresh.unindexed_shards() == ["2026-11", "2026-10"]
+    assert peer.mailbox_status() == {"default": {"held_updates": 0, "shards_to_list": 2}}
     peer.index_now()
     assert fresh.unindexed_shards() == [] and fresh.loaded_shards() == []
+    assert peer.mailbox_status() == {"default": {"held_updates": 0, "shards_to_list": 0}}
     assert {row.message_id for row in fresh.index_rows()} == set(ids)
     replica.close()
     source.close()
