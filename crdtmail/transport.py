@@ -89,7 +89,7 @@ class _Inbox:
         self.reading_paused = False
 
     def frame(self, frame: Frame) -> None:
-        """A data frame the protocol parsed (websockets checked its size, order and UTF-8)."""
+        """A data frame the protocol parsed (websockets checked its size against max_size and its order)."""
         data = frame.data if isinstance(frame.data, bytes) else bytes(frame.data)
         if frame.opcode is not Opcode.CONT:
             self.fragments.clear()

@@ -27,6 +27,7 @@ MAX_ADDRESS_FIELD = 512
 MAX_SUBJECT = 512
 MAX_MESSAGE_ID_HEADER = 250
 # Dates are stored as int seconds; the range keeps them well inside what pycrdt round-trips exactly.
+_MAX_INT = 2**53  # stored integers are read back below this (pycrdt's floats, and what SQLite's columns hold)
 _MIN_DATE = dt.datetime(1970, 1, 2, tzinfo=dt.UTC)
 _MAX_DATE = dt.datetime(9999, 12, 1, tzinfo=dt.UTC)
 
@@ -90,8 +91,8 @@ class Envelope:
         # What this code writes takes the short way; anything else (pycrdt's floats, a hostile peer's values) is
         # normalised field by field.
         if (type(mid) is str and type(sender) is str and type(to) is str and type(cc) is str
-                and type(subject) is str and type(body) is str and type(size) is int
-                and (date is None or type(date) is int)):
+                and type(subject) is str and type(body) is str and type(size) is int and 0 <= size < _MAX_INT
+                and (date is None or (type(date) is int and -_MAX_INT < date < _MAX_INT))):
             return cls(mid, sender, to, cc, subject, date, size, body)
         return cls(
             message_id_header=_as_str(mid),
@@ -123,8 +124,9 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        # JSON carries integers up to 2**64, past what SQLite's columns hold: bounded as pycrdt's floats were.
+        return value if abs(value) < _MAX_INT else None
+    if isinstance(value, float) and value.is_integer() and abs(value) < _MAX_INT:
         return int(value)
     return None
 

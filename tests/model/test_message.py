@@ -93,6 +93,9 @@ def test_envelope_round_trips_through_its_stored_json_string_and_the_first_schem
     assert Envelope.from_crdt("garbage").size == 0
     assert Envelope.from_crdt('["not", "an", "object"]').sender == ""
     assert Envelope.from_crdt('{"size": "big", "date": 1.5, "from": 7}') == Envelope("", "", "", "", "", None, 0, "")
+    # JSON reads integers up to 2**64; SQLite's columns hold less: out of range reads as absent.
+    huge = Envelope.from_crdt('{"size": 18446744073709551615, "date": -9223372036854775808}')
+    assert (huge.size, huge.date) == (0, None)
 
 
 def test_helpers() -> None:
