@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import ssl as ssl_module
 import time
-import types
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -39,8 +37,6 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
 
 log = logging.getLogger(__name__)
-
-_R = TypeVar("_R")
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -180,7 +176,6 @@ class Link:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._writing = False  # the writer task is inside websocket.send
-        self._unfinished: asyncio.Future[None] | None = None  # a direct send that had to wait (see send)
         self._writer = asyncio.create_task(self._write_loop(), name=f"crdtmail-link-writer {self.name}")
         self._inbox = websocket.inbox
 
@@ -224,20 +219,10 @@ class Link:
                         self._pending_bytes)
             self.close_soon(CLOSE_TOO_SLOW, "you read too slowly; reconnect to resync")
             return False
-        if not self._outgoing and self._unfinished is None and not self._writing and self._write_now(frame):
+        if not self._outgoing and not self._writing and self._write_now(frame):
             return True
+        # Behind a full socket buffer (or a closing connection): the writer task sends it, after what waits.
         self._pending_bytes += len(frame)
-        if not self._outgoing and self._unfinished is None and not self._writing:
-            # Nothing queued: write now instead of waking the writer task, which would run only after whatever
-            # the caller does next (a commit that takes longer than the hop). websockets' send finishes without
-            # suspending unless the socket's buffer is full or the connection is closing; then it finishes in a
-            # task of its own, and later frames queue behind it.
-            self._unfinished = _start_coroutine(self.websocket.send(frame))
-            if self._unfinished is None:
-                self._pending_bytes -= len(frame)
-                return True
-            self._unfinished.add_done_callback(functools.partial(self._unfinished_done, len(frame)))
-            return True
         self._outgoing.append(frame)
         self._wakeup.set()
         return True
@@ -245,7 +230,8 @@ class Link:
     def _write_now(self, frame: bytes) -> bool:
         """Write a frame straight to the socket when nothing stands in the way (open, the transport's buffer
         below its high-water mark): what websockets' ``send`` does then, without its coroutine and context
-        manager, which cost more than the rest of the write. False: take the ordinary path."""
+        manager, which cost more than the rest of the write. It goes before whatever the caller does next (a
+        commit takes longer than the hop), where the writer task would run only after that. False: queue it."""
         websocket = self.websocket
         if websocket.protocol.state is not State.OPEN or websocket.paused or websocket.transport.is_closing():
             return False
@@ -257,18 +243,11 @@ class Link:
             websocket.transport.abort()
         return True
 
-    def _unfinished_done(self, size: int, _task: asyncio.Future[None]) -> None:
-        self._pending_bytes -= size
-        self._unfinished = None
-        self._wakeup.set()
-
     async def _write_loop(self) -> None:
         try:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                if self._unfinished is not None:
-                    continue  # its done callback wakes us again
                 while self._outgoing:
                     frame = self._outgoing.popleft()
                     self._writing = True
@@ -377,41 +356,6 @@ class Link:
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
-
-
-@types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, _R], waiting_on: Any) -> Generator[Any, None, _R]:
-    """Carry on a coroutine that was started by hand and suspended on ``waiting_on`` (an asyncio future)."""
-    while True:
-        try:
-            yield waiting_on  # the task running us waits for it, as it would for the coroutine itself
-        except BaseException as exc:  # cancelled: the coroutine gets the exception
-            try:
-                waiting_on = coroutine.throw(exc)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            continue
-        try:
-            waiting_on = coroutine.send(None)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-
-
-async def _finish(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        await _resume(coroutine, waiting_on)
-
-
-def _start_coroutine(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run a coroutine now, synchronously, as far as it goes; None when it finished (a closed connection is
-    finished too: the writer and the reader find out), else the task that finishes it."""
-    try:
-        waiting_on = coroutine.send(None)
-    except StopIteration:
-        return None
-    except ConnectionClosed:
-        return None
-    return asyncio.ensure_future(_finish(coroutine, waiting_on))
 
 
 def presented_token(request: Request) -> str | None:
