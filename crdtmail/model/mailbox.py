@@ -229,6 +229,11 @@ def _map_dict(root: Map[Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _lacking(whole: bytes, state_vector: bytes | None) -> bytes:
+    """What a peer with ``state_vector`` (None: nothing) lacks of a document held as the one update ``whole``."""
+    return whole if state_vector is None or state_vector == _EMPTY_STATE_VECTOR else get_update(whole, state_vector)
+
+
 def _newest_first(shard_names: Iterable[str]) -> list[str]:
     """Month shards newest first ("YYYY-MM" sorts by date), then the undated one."""
     names = set(shard_names)
@@ -1129,11 +1134,9 @@ class Mailbox:
         """The update a peer with ``state_vector`` lacks for ``doc_name`` (everything when None)."""
         if doc_name == INDEX_DOC:
             return self._index_doc.get_update(state_vector)
-        shard = self._shards.get(doc_name)
         if doc_name in self._pending.stored_whole:  # arrived whole in a batch not committed yet
-            whole = self._pending.stored_whole[doc_name][0]
-            return whole if state_vector in (None, _EMPTY_STATE_VECTOR) else get_update(whole, state_vector)
-        if shard is None and is_shard_name(doc_name):
+            return _lacking(self._pending.stored_whole[doc_name][0], state_vector)
+        if doc_name not in self._shards and is_shard_name(doc_name):
             # Serving a shard this replica does not have in memory: the stored bytes answer without building a
             # document (for a peer that has nothing of it, they are the answer as they are), which keeps a
             # serving peer's memory flat and an initial sync's first answers fast.
@@ -1141,8 +1144,7 @@ class Mailbox:
             if not parts:
                 return _EMPTY_UPDATE
             if len(parts) == 1:
-                whole = parts[0]
-                return whole if state_vector in (None, _EMPTY_STATE_VECTOR) else get_update(whole, state_vector)
+                return _lacking(parts[0], state_vector)
             if state_vector in (None, _EMPTY_STATE_VECTOR):
                 # A snapshot and its log, for a peer that has nothing of the shard (an initial sync): Yrs merges
                 # them without building a document (half the time, and no memory kept), and the merge becomes
