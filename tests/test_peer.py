@@ -4,7 +4,9 @@ peer, and refusal of mailboxes a device was not paired for."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -35,6 +37,15 @@ async def until(condition: object, timeout: float = 15.0) -> None:
 
 def port_of(server: object) -> int:
     return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+
+def run_closing(main: Coroutine[Any, Any, None], *replicas: Replica) -> None:
+    """Run a test's peers to the end, then close their replicas (also when an assertion failed)."""
+    try:
+        asyncio.run(main)
+    finally:
+        for replica in replicas:
+            replica.close()
 
 
 async def hang_up(dialer: Dialer, task: asyncio.Task[None], peer: Peer, server: Server) -> None:
@@ -104,9 +115,7 @@ def test_two_peers_converge_both_ways_after_offline_edits(tmp_path: Path) -> Non
         assert "$Desk" in phone_box.message(ids[2]).flags
         await hang_up(dialer, task, phone, server)
 
-    asyncio.run(main())
-    desktop_replica.close()
-    phone_replica.close()
+    run_closing(main(), desktop_replica, phone_replica)
 
 
 @pytest.mark.timeout(60)
@@ -142,9 +151,7 @@ def test_a_chain_converges_through_the_middle_peer(tmp_path: Path) -> None:
             server.close()
             await server.wait_closed()
 
-    asyncio.run(main())
-    for replica in replicas:
-        replica.close()
+    run_closing(main(), *replicas)
 
 
 @pytest.mark.timeout(60)
@@ -167,9 +174,7 @@ def test_a_device_gets_nothing_of_a_mailbox_it_was_not_paired_for(tmp_path: Path
         server.close()
         await server.wait_closed()
 
-    asyncio.run(main())
-    owner.close()
-    other.close()
+    run_closing(main(), owner, other)
 
 
 @pytest.mark.timeout(60)
@@ -201,9 +206,7 @@ def test_a_phone_fetches_only_recent_small_bodies(tmp_path: Path) -> None:
         assert {m.id for m in messages if phone_box.body(m.id) is not None} == wanted
         await hang_up(dialer, task, phone, server)
 
-    asyncio.run(main())
-    desktop_replica.close()
-    phone_replica.close()
+    run_closing(main(), desktop_replica, phone_replica)
 
 
 @pytest.mark.timeout(60)
@@ -237,9 +240,7 @@ def test_the_dialing_peer_resyncs_both_ways_after_the_server_restarts(tmp_path: 
         assert dialer.connections == 2
         await hang_up(dialer, task, phone, server)
 
-    asyncio.run(main())
-    desktop_replica.close()
-    phone_replica.close()
+    run_closing(main(), desktop_replica, phone_replica)
 
 
 @pytest.mark.timeout(60)
@@ -277,9 +278,7 @@ def test_a_sync_window_keeps_old_shards_off_the_phone(tmp_path: Path) -> None:
         assert "\\Flagged" in phone_box.message(old.id).flags
         await hang_up(dialer, task, phone, server)
 
-    asyncio.run(main())
-    desktop_replica.close()
-    phone_replica.close()
+    run_closing(main(), desktop_replica, phone_replica)
 
 
 def test_lacking_blobs_asks_the_store_in_bulk_and_keeps_order(tmp_path: Path) -> None:
@@ -322,9 +321,7 @@ def test_a_body_answered_missing_is_asked_for_again(tmp_path: Path) -> None:
         assert all(not s.missing_answers for s in phone.sessions)
         await hang_up(dialer, task, phone, server)
 
-    asyncio.run(main())
-    desktop_replica.close()
-    phone_replica.close()
+    run_closing(main(), desktop_replica, phone_replica)
 
 
 @pytest.mark.timeout(60)
@@ -388,9 +385,7 @@ def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Pa
         assert phone_box.counts() == desk_box.counts() and phone_box.repair_index() == []
         await hang_up(dialer, task, phone, server)
 
-    asyncio.run(main())
-    desktop_replica.close()
-    phone_replica.close()
+    run_closing(main(), desktop_replica, phone_replica)
 
 
 def test_index_now_lists_every_shard_that_arrived_whole(tmp_path: Path) -> None:
@@ -437,9 +432,7 @@ def test_a_shard_a_yjs_client_brings_whole_is_stored_and_listed(tmp_path: Path) 
         server.close()
         await server.wait_closed()
 
-    asyncio.run(main())
-    replica.close()
-    source.close()
+    run_closing(main(), replica, source)
 
 
 def test_a_peer_that_is_stopping_starts_no_listing(tmp_path: Path) -> None:
