@@ -158,9 +158,11 @@ class _Session:
             for frame in frames:
                 self.connection.receive_data(frame)
                 self.handle_events()
+                # Each answer leaves as soon as it is ready: a serving peer that got the step 1s of several big
+                # shards in one read would otherwise load every one before the first could start on its way.
+                self.flush()
                 if not self.connection.is_open and self.connection.close_code is not None:
                     break
-        self.flush()
         for name in self.synced:  # list what arrived whole: the first sync, a shard asked for after it
             self.peer.index_soon(name)
         return self.connection.is_open or self.connection.close_code is None

@@ -14,7 +14,8 @@ from websockets.asyncio.server import Server
 
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
-from crdtmail.protocol.frames import SyncType, encode_y_websocket_sync
+from crdtmail.protocol.frames import EMPTY_STATE_VECTOR, SyncType, encode_y_websocket_sync
+from crdtmail.protocol.session import CatalogReceived, Role, SyncConnection, SyncStep2Received
 from crdtmail.replica import Replica
 from crdtmail.sample import generate_messages, write_maildir
 from crdtmail.transport import Dialer
@@ -470,3 +471,62 @@ def test_a_peer_that_is_stopping_starts_no_listing(tmp_path: Path) -> None:
     with Replica.open(tmp_path / "fresh") as reopened:
         assert reopened.mailbox("default").counts()["inbox"].total == 1
     source.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_serving_peer_sends_each_answer_before_it_loads_the_next(tmp_path: Path) -> None:
+    """Step 1s for several shards that arrive in one read are answered one by one: each answer is on its way
+    before the next shard is loaded, rather than all of them loaded first (the wait of a big initial sync)."""
+    replica = Replica.init(tmp_path / "desktop")
+    box = replica.mailbox("default", create=True)
+    dates = {"2026-09": "03 Sep 2026 10:00:00 +0000", "2026-10": "03 Oct 2026 10:00:00 +0000",
+             "2026-11": "03 Nov 2026 10:00:00 +0000"}
+    months = list(dates)
+    for month, date in dates.items():
+        box.add(make_raw(f"in {month}", date=date))
+    assert set(months) <= set(box.document_names())
+    order: list[str] = []
+
+    async def main() -> None:
+        peer = Peer(replica, bodies=False)
+        served = peer.mailbox("default")
+        encode = served.encode_document
+
+        def spy_encode(doc_name: str, state_vector: bytes | None = None) -> bytes:
+            order.append(f"load {doc_name}")
+            return encode(doc_name, state_vector)
+
+        served.encode_document = spy_encode  # type: ignore[method-assign]
+        token = peer.registry.pair("phone", ["default"])
+        server = await peer.serve()
+        client = SyncConnection(Role.CLIENT)
+        async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                           additional_headers={"Authorization": f"Bearer {token}"}, compression=None) as websocket:
+            client.send_hello("phone-peer", ["default"])
+            for data in client.data_to_send():
+                await websocket.send(data)
+            while not any(isinstance(e, CatalogReceived) for e in client.events_received()):
+                client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+            session = next(iter(peer.sessions))
+            send = session.link.send
+
+            def spy_send(frame: bytes) -> bool:
+                order.append("send")
+                return send(frame)
+
+            session.link.send = spy_send  # type: ignore[method-assign]
+            for month in months:
+                client.send_sync_step1("default", month, EMPTY_STATE_VECTOR)
+            # All three frames are written before this loop lets the peer read: it gets them in one read.
+            for data in client.data_to_send():
+                websocket.protocol.send_binary(data)
+            websocket.send_data()
+            answered: set[str] = set()
+            while answered != set(months):
+                client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+                answered |= {e.document for e in client.events_received() if isinstance(e, SyncStep2Received)}
+        server.close()
+        await server.wait_closed()
+
+    run_closing(main(), replica)
+    assert order == [step for month in months for step in (f"load {month}", "send")]
