@@ -34,7 +34,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Event, State
+from websockets.protocol import Event, Side, State
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ class TransportLimits:
 
 
 TEXT_FRAME_REASON = "crdtmail speaks binary frames only"
+# From this size on, a listening side writes a frame's header and its payload to the socket as they are: websockets
+# would first copy the payload into a new frame (1.4-3.7 ms for a 5.5 MB shard here, on the initial sync's path).
+DIRECT_WRITE_BYTES = 1 << 16  # not lower: the header below is the form for payloads of 2**16 bytes and more
+_LONG_BINARY_FRAME = bytes((0x80 | Opcode.BINARY, 127))  # FIN, binary, no mask, a 64-bit length follows (RFC 6455, 5.2)
 
 
 class _Inbox:
@@ -233,9 +237,15 @@ class Link:
         manager, which cost more than the rest of the write. It goes before whatever the caller does next (a
         commit takes longer than the hop), where the writer task would run only after that. False: queue it."""
         websocket = self.websocket
-        if websocket.protocol.state is not State.OPEN or websocket.paused or websocket.transport.is_closing():
+        protocol = websocket.protocol
+        if protocol.state is not State.OPEN or websocket.paused or websocket.transport.is_closing():
             return False
-        websocket.protocol.send_binary(frame)
+        if len(frame) >= DIRECT_WRITE_BYTES and protocol.side is Side.SERVER and not protocol.extensions:
+            # A server's frame is not masked (RFC 6455, 5.1), so its bytes are the header, then the payload.
+            websocket.transport.write(_LONG_BINARY_FRAME + len(frame).to_bytes(8, "big"))
+            websocket.transport.write(frame)
+            return True
+        protocol.send_binary(frame)
         try:
             websocket.send_data()
         except Exception as exc:  # as websockets' send does: the connection is lost, end it

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from crdtmail.transport import CLOSE_TOO_SLOW, Dialer, Link, TransportLimits, serve_links
+from crdtmail.transport import CLOSE_TOO_SLOW, DIRECT_WRITE_BYTES, Dialer, Link, TransportLimits, serve_links
 
 TOKEN = "s3cret-token"
 
@@ -211,6 +211,34 @@ def test_a_frame_goes_to_the_socket_at_once_and_order_holds_when_the_socket_is_f
     asyncio.run(main())
     assert result["pending_after_first"] == 0  # written, not queued
     assert result["max_pending"] > frame_size  # and later ones did queue behind a full socket
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compression", [None, "deflate"])
+def test_large_frames_from_the_listening_side_arrive_whole_and_in_order(compression: str | None) -> None:
+    """Frames from DIRECT_WRITE_BYTES on leave a listener as header and payload written separately (unless
+    permessage-deflate is on): a stock websockets client reads each one whole, in order with the small ones."""
+    sizes = [10, DIRECT_WRITE_BYTES - 1, DIRECT_WRITE_BYTES, 3, 200_000, 5 * 1024 * 1024 + 7, 1]
+    sent = [bytes([n]) * size for n, size in enumerate(sizes)]
+
+    async def sender(link: Link) -> None:
+        for frame in sent:
+            assert link.send(frame)
+        await asyncio.sleep(5)  # the client ends the link once it has everything
+
+    async def main() -> list[bytes]:
+        server = await serve_links(sender, authenticate=authenticate)
+        try:
+            async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                               additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                               max_size=None, compression=compression) as websocket:
+                assert bool(websocket.protocol.extensions) == (compression is not None)
+                return [await asyncio.wait_for(websocket.recv(), 5) for _ in sent]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(main()) == sent
 
 
 @pytest.mark.timeout(30)

@@ -429,7 +429,8 @@ def encode_frame(frame: Frame, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
         if SyncType(frame.sync_type) is SyncType.STEP1:
             _check_state_vector(frame.payload, "sync step 1 state vector", limits)
         writer.varuint(FrameType.SYNC).varstring(frame.mailbox).varstring(frame.document)
-        writer.raw(encode_sync_message(frame.sync_type, frame.payload))
+        # The sync message's fields written in place: a shard's payload is copied once, into the frame.
+        writer.varuint(SyncType(frame.sync_type)).varbytes(frame.payload)
     elif isinstance(frame, CatalogFrame):
         _check_name(frame.mailbox, "mailbox", limits)
         if len(frame.entries) > limits.max_documents:
