@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import Server
 
+from crdtmail import heap
 from crdtmail.auth import Device, DeviceRegistry
 from crdtmail.config import RemotePeer
 from crdtmail.errors import CrdtmailError, ModelError, ProtocolError
@@ -133,6 +134,9 @@ class _Session:
     connected_at: float = field(default_factory=time.time)
     last_sync: float | None = None
     missing_answers: dict[str, int] = field(default_factory=dict)  # body hash -> "missing" answers so far
+    # Per mailbox being synced: its hold on the allocator's large-allocations mode (crdtmail.heap), let go at
+    # its SyncComplete or when the session ends.
+    heap_holds: dict[str, contextlib.ExitStack] = field(default_factory=dict)
 
     async def run(self) -> None:
         self.peer.sessions.add(self)
@@ -145,6 +149,7 @@ class _Session:
                 self.connection.connection_lost()
                 self.handle_events()
         finally:
+            self._release_heap(*self.heap_holds)
             self.peer.sessions.discard(self)
             for name in self.syncs:  # a sync cut short may have stored shards too
                 self.peer.index_soon(name)
@@ -152,6 +157,8 @@ class _Session:
     def _take_frames(self, frames: list[bytes]) -> bool:
         """The frames one read of the link brought (called inside the transport's read callback); False once
         the connection has ended."""
+        if self.heap_holds:
+            heap.note_large(max(map(len, frames), default=0))
         # A burst that arrived together is applied under one commit per mailbox (relayed at that commit): a peer
         # that fell behind catches up instead of paying a commit per update.
         with self._one_commit() if len(frames) > 1 else contextlib.nullcontext():
@@ -165,6 +172,7 @@ class _Session:
                     break
         for name in self.synced:  # list what arrived whole: the first sync, a shard asked for after it
             self.peer.index_soon(name)
+        self._release_heap(*(name for name in self.synced if name in self.heap_holds))  # after the listing took its own
         return self.connection.is_open or self.connection.close_code is None
 
     def _one_commit(self) -> contextlib.ExitStack:
@@ -229,7 +237,17 @@ class _Session:
             mailbox = self.peer.mailbox(name)
             sync = MailboxSync(self.connection, name, MailboxSource(mailbox, accepts=self.peer.accepts_document))
             self.syncs[name] = sync
+            # A first sync brings (or sends) shards of megabytes, one after another.
+            hold = contextlib.ExitStack()
+            hold.enter_context(heap.large_allocations())
+            self.heap_holds[name] = hold
             sync.start()
+
+    def _release_heap(self, *mailboxes: str) -> None:
+        for name in mailboxes:
+            hold = self.heap_holds.pop(name, None)
+            if hold is not None:
+                hold.close()
 
     def on_update(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
         sync = self.syncs.get(mailbox)
@@ -391,9 +409,19 @@ class Peer:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             return  # the peer is stopping: a task started now would be cut off; the next open lists them
+        # Every step builds a shard of megabytes and drops it. Held from now on: the session that stored the shards
+        # may let go of its own hold before the task first runs.
+        hold = contextlib.ExitStack()
+        hold.enter_context(heap.large_allocations())
+        heap.note_large(heap.LARGE_BYTES)
         task = asyncio.get_running_loop().create_task(self._index(mailbox))
         self._indexing[mailbox] = task
-        task.add_done_callback(lambda _: self._indexing.pop(mailbox, None))
+
+        def finished(_: asyncio.Task[None]) -> None:
+            self._indexing.pop(mailbox, None)
+            hold.close()
+
+        task.add_done_callback(finished)
 
     def index_now(self) -> None:
         """Build at once the listing rows of every shard that arrived whole (a one-shot sync, before it exits:

@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server
 
+from crdtmail import heap
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
 from crdtmail.protocol.frames import EMPTY_STATE_VECTOR, SyncType, encode_y_websocket_sync
@@ -384,6 +385,9 @@ def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Pa
         assert all(origin is session.connection for _, origin in listed)
         assert phone_box.loaded_shards() == []  # stored and listed without keeping any shard in memory
         assert phone_box.counts() == desk_box.counts() and phone_box.repair_index() == []
+        # Both sides in sync and the listing done: no hold on the allocator is left (its defaults are back).
+        await until(lambda: not phone._indexing and all(s.synced for s in desktop.sessions))
+        assert heap.holders() == 0
         await hang_up(dialer, task, phone, server)
 
     run_closing(main(), desktop_replica, phone_replica)
