@@ -18,6 +18,7 @@ import functools
 import logging
 import ssl as ssl_module
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ from crdtmail.protocol.session import (
     BlobReceived,
     BlobsWanted,
     ConnectionClosed,
+    Event,
     HelloReceived,
     MailboxSource,
     MailboxSync,
@@ -52,6 +54,7 @@ from crdtmail.protocol.session import (
     Role,
     SyncComplete,
     SyncConnection,
+    SyncStep1Received,
     Welcomed,
 )
 from crdtmail.replica import Replica
@@ -134,6 +137,7 @@ class _Session:
     connected_at: float = field(default_factory=time.time)
     last_sync: float | None = None
     missing_answers: dict[str, int] = field(default_factory=dict)  # body hash -> "missing" answers so far
+    step1_waiting: deque[SyncStep1Received] = field(default_factory=deque)  # see handle_events
     # Per mailbox being synced: its hold on the allocator's large-allocations mode (crdtmail.heap), let go at
     # its SyncComplete or when the session ends.
     heap_holds: dict[str, contextlib.ExitStack] = field(default_factory=dict)
@@ -183,6 +187,13 @@ class _Session:
 
     def handle_events(self) -> None:
         for event in self.connection.events_received():
+            if isinstance(event, SyncStep1Received) and (self.step1_waiting or self.link.backed_up):
+                # Answered once the peer has read the last answer: a first sync asks for every shard at once, and
+                # loading them all while the first waits to be sent would delay it and hold them all in memory.
+                self.step1_waiting.append(event)
+                if len(self.step1_waiting) == 1:
+                    self.link.when_writable(self._answer_waiting)
+                continue
             if isinstance(event, HelloReceived):
                 self._answer_hello(event)
             elif isinstance(event, Welcomed):
@@ -207,14 +218,30 @@ class _Session:
             elif isinstance(event, ConnectionClosed):
                 self.flush()
                 self.link.close_soon(websocket_close_code(event.code), event.reason[:120])
-            for sync in list(self.syncs.values()):
-                for follow_up in sync.handle(event):
-                    if isinstance(follow_up, SyncComplete):
-                        self.synced.add(follow_up.mailbox)
-                        self.last_sync = time.time()
-                        log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
-                        missing = self.peer.missing_body_sizes(follow_up.mailbox)
-                        self.want_bodies(sorted(missing), sizes={h: n for h, n in missing.items() if n is not None})
+            self._to_syncs(event)
+
+    def _answer_waiting(self) -> None:
+        """Answer the step 1s held back (``handle_events``) while the link takes what is sent."""
+        try:
+            while self.step1_waiting and not self.link.backed_up and not self.link.closed:
+                self._to_syncs(self.step1_waiting.popleft())
+                self.flush()
+        except Exception:  # a loop callback: nobody else would see it
+            log.exception("answering peer %s failed", self.link.name)
+            self.link.close_soon(1011, "internal error")
+            return
+        if self.step1_waiting and not self.link.closed:
+            self.link.when_writable(self._answer_waiting)
+
+    def _to_syncs(self, event: Event) -> None:
+        for sync in list(self.syncs.values()):
+            for follow_up in sync.handle(event):
+                if isinstance(follow_up, SyncComplete):
+                    self.synced.add(follow_up.mailbox)
+                    self.last_sync = time.time()
+                    log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
+                    missing = self.peer.missing_body_sizes(follow_up.mailbox)
+                    self.want_bodies(sorted(missing), sizes={h: n for h, n in missing.items() if n is not None})
 
     def _answer_hello(self, hello: HelloReceived) -> None:
         device = self.device

@@ -53,6 +53,10 @@ class TransportLimits:
     max_frame_bytes: int = 16 * 1024 * 1024
     max_pending_send_bytes: int = 64 * 1024 * 1024
     incoming_queue: int = 16  # frames received and not yet handled
+    # Bytes the socket has not taken yet past which a link is ``backed_up`` (until a quarter of them are left):
+    # a peer answering a first sync loads its next shard only then, so it holds about two in memory rather than
+    # all of them, and the next is already on its way when the one before is read.
+    write_ahead_bytes: int = 8 * 1024 * 1024
     open_timeout: float = 10.0
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
@@ -155,6 +159,13 @@ class _LinkConnection(Connection):
         super().connection_lost(exc)
         self.inbox.close()
 
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_writable is not None:
+            self.on_writable()
+
+    on_writable: Callable[[], None] | None = None  # the link's, once it has one
+
 
 class _LinkServerConnection(_LinkConnection, ServerConnection):
     """The server side of a link."""
@@ -182,11 +193,33 @@ class Link:
         self._writing = False  # the writer task is inside websocket.send
         self._writer = asyncio.create_task(self._write_loop(), name=f"crdtmail-link-writer {self.name}")
         self._inbox = websocket.inbox
+        self._when_writable: list[Callable[[], None]] = []
+        websocket.on_writable = self._writable_again
 
     @property
     def frames_waiting(self) -> int:
         """Frames received and not handed over yet (at most ``incoming_queue`` and what one read brings)."""
         return len(self._inbox.messages)
+
+    @property
+    def backed_up(self) -> bool:
+        """Whether what was sent is still waiting for the socket (the transport's buffer is over its high-water
+        mark, or frames queue behind it): a good time to hold back work that only makes more to send."""
+        return self.websocket.paused or bool(self._outgoing)
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, from the event loop) as soon as the link is not ``backed_up``; at once if it
+        is not now. Not called if the link closes first."""
+        self._when_writable.append(callback)
+        if not self.backed_up:
+            asyncio.get_running_loop().call_soon(self._writable_again)
+
+    def _writable_again(self) -> None:
+        if self.backed_up or self.closed:
+            return
+        callbacks, self._when_writable = self._when_writable, []
+        for callback in callbacks:
+            callback()
 
     @property
     def pending_bytes(self) -> int:
@@ -268,6 +301,7 @@ class Link:
                         self._pending_bytes -= len(frame)
                 if self._closing:
                     return
+                self._writable_again()  # the queue is empty: whoever waits for that may go on
         except ConnectionClosed:
             pass
         finally:
@@ -422,6 +456,7 @@ async def serve_links(
         compression="deflate" if limits.accept_compression or limits.compression else None,
         max_size=limits.max_frame_bytes,
         max_queue=limits.incoming_queue,
+        write_limit=(limits.write_ahead_bytes, limits.write_ahead_bytes // 4),
         open_timeout=limits.open_timeout,
         ping_interval=limits.ping_interval,
         ping_timeout=limits.ping_timeout,
@@ -486,6 +521,7 @@ class Dialer:
             compression=self._limits.compression,
             max_size=self._limits.max_frame_bytes,
             max_queue=self._limits.incoming_queue,
+            write_limit=(self._limits.write_ahead_bytes, self._limits.write_ahead_bytes // 4),
             open_timeout=self._limits.open_timeout,
             ping_interval=self._limits.ping_interval,
             ping_timeout=self._limits.ping_timeout,

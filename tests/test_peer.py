@@ -4,6 +4,7 @@ peer, and refusal of mailboxes a device was not paired for."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from crdtmail.protocol.frames import EMPTY_STATE_VECTOR, SyncType, encode_y_webs
 from crdtmail.protocol.session import CatalogReceived, Role, SyncConnection, SyncStep2Received
 from crdtmail.replica import Replica
 from crdtmail.sample import generate_messages, write_maildir
-from crdtmail.transport import Dialer
+from crdtmail.transport import Dialer, TransportLimits
 from tests.conftest import make_raw
 
 
@@ -534,3 +535,63 @@ def test_a_serving_peer_sends_each_answer_before_it_loads_the_next(tmp_path: Pat
 
     run_closing(main(), replica)
     assert order == [step for month in months for step in (f"load {month}", "send")]
+
+
+@pytest.mark.timeout(60)
+def test_a_serving_peer_loads_the_next_shard_only_once_the_last_answer_is_read(tmp_path: Path) -> None:
+    """While a link has more than ``write_ahead_bytes`` unsent, the step 1s it brought wait: a first sync asks
+    for every shard at once, and the serving peer holds about one answer in memory, not all of them. Once the
+    client reads, every answer arrives, in the order asked."""
+    replica = Replica.init(tmp_path / "desktop")
+    box = replica.mailbox("default", create=True)
+    months = {"2026-09": "Sep", "2026-10": "Oct", "2026-11": "Nov"}
+    padding = "x" * 900
+    with box.batch():
+        for month, name in months.items():
+            for n in range(150):  # about 200 KB of envelopes per month
+                box.add(make_raw(f"{month} {n} {padding}", date=f"03 {name} 2026 10:00:00 +0000"))
+    order: list[str] = []
+
+    async def main() -> None:
+        peer = Peer(replica, bodies=False, limits=TransportLimits(write_ahead_bytes=64 * 1024))
+        served = peer.mailbox("default")
+        encode = served.encode_document
+
+        def spy_encode(doc_name: str, state_vector: bytes | None = None) -> bytes:
+            order.append(doc_name)
+            return encode(doc_name, state_vector)
+
+        served.encode_document = spy_encode  # type: ignore[method-assign]
+        token = peer.registry.pair("phone", ["default"])
+        server = await peer.serve()
+        client = SyncConnection(Role.CLIENT)
+        async with connect(f"ws://127.0.0.1:{port_of(server)}/sync", max_size=None,
+                           additional_headers={"Authorization": f"Bearer {token}"}, compression=None) as websocket:
+            websocket.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            client.send_hello("phone-peer", ["default"])
+            for data in client.data_to_send():
+                await websocket.send(data)
+            while not any(isinstance(e, CatalogReceived) for e in client.events_received()):
+                client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+            session = next(iter(peer.sessions))
+            session.link.websocket.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            websocket.transport.pause_reading()  # the phone reads nothing for now
+            for month in months:
+                client.send_sync_step1("default", month, EMPTY_STATE_VECTOR)
+            for data in client.data_to_send():
+                await websocket.send(data)
+            await asyncio.sleep(0.5)  # the first answer fills the sockets, and more
+            assert order == ["2026-09"]
+            assert len(session.step1_waiting) == 2
+            websocket.transport.resume_reading()
+            answered: list[str] = []
+            while len(answered) < len(months):
+                client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+                answered += [e.document for e in client.events_received() if isinstance(e, SyncStep2Received)]
+            assert answered == list(months)
+        server.close()
+        await server.wait_closed()
+
+    run_closing(main(), replica)
+    assert order == list(months)
