@@ -94,7 +94,9 @@ class _Inbox:
 
     def frame(self, frame: Frame) -> None:
         """A data frame the protocol parsed (websockets checked its size against max_size and its order)."""
-        data = frame.data if isinstance(frame.data, bytes) else bytes(frame.data)
+        # Kept as websockets made it (a bytearray for an unmasked frame): the protocol reads a view of it, where a
+        # copy would cost a shard's megabytes once more.
+        data = cast(bytes, frame.data)
         if frame.opcode is not Opcode.CONT:
             self.fragments.clear()
             self.fragmented_text = frame.opcode is Opcode.TEXT
@@ -105,7 +107,7 @@ class _Inbox:
             self.fragments.append(data)
             data = b"".join(self.fragments)
             self.fragments.clear()
-        self.messages.append(data.decode("utf-8", "replace") if self.fragmented_text else data)
+        self.messages.append(bytes(data).decode("utf-8", "replace") if self.fragmented_text else data)
 
     def hand_over(self) -> None:
         """After a read: give what it brought to the sink, or queue it (and stop reading when the queue is full)."""

@@ -116,8 +116,10 @@ class Reader:
 
     __slots__ = ("_data", "_pos")
 
-    def __init__(self, data: bytes) -> None:
-        self._data = bytes(data)
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        # A bytearray (what websockets reads a frame into) is read through a view rather than copied whole: each
+        # field is copied out once, and a frame holding a shard is megabytes.
+        self._data: bytes | memoryview = data if isinstance(data, bytes) else memoryview(data).cast("B")
         self._pos = 0
 
     @property
@@ -169,7 +171,7 @@ class Reader:
             raise FrameError(f"truncated: the {what} needs {size} bytes, {self.remaining} left")
         start = self._pos
         self._pos += size
-        return self._data[start : self._pos]
+        return bytes(self._data[start : self._pos])
 
     def varbytes(self, what: str = "bytes", *, maximum: int) -> bytes:
         """A length-prefixed byte string of at most ``maximum`` bytes."""

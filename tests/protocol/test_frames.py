@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -134,6 +135,19 @@ def test_frame_round_trip(frame: Frame) -> None:
     data = encode_frame(frame)
     assert decode_frame(data) == frame
     assert encode_frame(decode_frame(data)) == data
+    # What websockets reads a frame into (a bytearray) decodes the same, into fields that are bytes.
+    from_buffer = decode_frame(bytearray(data))  # type: ignore[arg-type]
+    assert from_buffer == frame
+    assert not any(isinstance(value, bytearray | memoryview) for value in _leaves(from_buffer))
+
+
+def _leaves(value: Any) -> list[Any]:
+    """Every field value of a frame, inside its tuples and dataclasses too."""
+    if dataclasses.is_dataclass(value):
+        return [leaf for field in dataclasses.fields(value) for leaf in _leaves(getattr(value, field.name))]
+    if isinstance(value, tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
 
 
 @settings(max_examples=500)
