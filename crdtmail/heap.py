@@ -4,9 +4,9 @@ An initial sync handles megabyte shards one after another: the frame, its payloa
 SQLite row each take megabytes and give them back. With glibc's defaults a block that large is a fresh ``mmap``
 (or the top of the heap is handed back to the system as soon as it is free), so every shard pays again for
 the page faults of memory the one before it just released. While ``large_allocations`` is held, big blocks come
-from the heap and freed memory stays there for the next shard; when the last holder lets go, the old settings
-come back and, if large blocks were taken meanwhile (``note_large``), what is free is returned to the system
-(``malloc_trim``).
+from the heap and freed memory stays there for the next shard; when the last holder lets go, the thresholds
+come down to settled values (see SETTLED_TRIM_THRESHOLD) and, if large blocks were taken meanwhile
+(``note_large``), what is free is returned to the system (``malloc_trim``).
 
 Measured on the 100k-message bench mailbox, interleaved runs of a fresh peer: its last 3 months in sync in
 0.101-0.128 s against 0.134-0.165 s and listed in 0.91-1.05 s against 1.07-1.12 s; the whole mailbox in
@@ -27,10 +27,12 @@ _M_MMAP_THRESHOLD = -3
 # While held: blocks up to 64 MB come from the heap, and the heap is not trimmed below 256 MB of free space.
 HELD_MMAP_THRESHOLD = 64 * 1024 * 1024
 HELD_TRIM_THRESHOLD = 256 * 1024 * 1024
-# glibc's starting values, set again at the end. (Once set, glibc no longer raises the mmap threshold by
-# itself as large blocks are freed; after a sync no large blocks are expected.)
-DEFAULT_MMAP_THRESHOLD = 128 * 1024
-DEFAULT_TRIM_THRESHOLD = 128 * 1024
+# Set at the end. Not glibc's starting values (128 KB each): once a value is set, glibc no longer raises it by
+# itself as large blocks are freed, and a long-running peer with a 128 KB trim threshold gave memory back and
+# faulted it in again around every change (one hop 0.03-0.05 ms slower at p50). These are about where glibc's own
+# adjustment ends after a sync of megabyte shards.
+SETTLED_MMAP_THRESHOLD = 4 * 1024 * 1024
+SETTLED_TRIM_THRESHOLD = 8 * 1024 * 1024
 
 
 def _load_glibc() -> ctypes.CDLL | None:
@@ -79,7 +81,7 @@ def note_large(size: int) -> None:
 @contextmanager
 def large_allocations() -> Iterator[None]:
     """Hold the allocator in "large allocations" mode (see the module) for the block; holds may overlap and
-    nest, and the last one to end restores the defaults and returns free memory to the system."""
+    nest, and the last one to end settles the thresholds and returns free memory to the system."""
     global _holders, _large_since_held
     with _lock:
         _holders += 1
@@ -92,8 +94,8 @@ def large_allocations() -> Iterator[None]:
         with _lock:
             _holders -= 1
             if _holders == 0 and _glibc is not None:
-                _glibc.mallopt(_M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
-                _glibc.mallopt(_M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                _glibc.mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+                _glibc.mallopt(_M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
                 if _large_since_held:
                     _glibc.malloc_trim(0)
             if _holders == 0:

@@ -386,7 +386,7 @@ def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Pa
         assert all(origin is session.connection for _, origin in listed)
         assert phone_box.loaded_shards() == []  # stored and listed without keeping any shard in memory
         assert phone_box.counts() == desk_box.counts() and phone_box.repair_index() == []
-        # Both sides in sync and the listing done: no hold on the allocator is left (its defaults are back).
+        # Both sides in sync and the listing done: no hold on the allocator is left (its thresholds settled).
         await until(lambda: not phone._indexing and all(s.synced for s in desktop.sessions))
         assert heap.holders() == 0
         await hang_up(dialer, task, phone, server)
