@@ -69,6 +69,26 @@ async def phone_dials_desktop(desktop: Peer, phone: Peer) -> tuple[Server, Diale
     return server, dialer, asyncio.create_task(dialer.run())
 
 
+def record_loads(mailbox: Mailbox, order: list[str], prefix: str = "") -> None:
+    """Append to ``order`` each document the mailbox encodes for a peer (what answering a step 1 loads)."""
+    encode = mailbox.encode_document
+
+    def spy(doc_name: str, state_vector: bytes | None = None) -> bytes:
+        order.append(prefix + doc_name)
+        return encode(doc_name, state_vector)
+
+    mailbox.encode_document = spy  # type: ignore[method-assign]
+
+
+async def greet_as_phone(websocket: Any, client: SyncConnection) -> None:
+    """Open the protocol as a raw client on ``websocket`` and read until the peer's catalog has come."""
+    client.send_hello("phone-peer", ["default"])
+    for data in client.data_to_send():
+        await websocket.send(data)
+    while not any(isinstance(e, CatalogReceived) for e in client.events_received()):
+        client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+
+
 @pytest.mark.timeout(60)
 def test_two_peers_converge_both_ways_after_offline_edits(tmp_path: Path) -> None:
     maildir = tmp_path / "Maildir"
@@ -494,24 +514,13 @@ def test_a_serving_peer_sends_each_answer_before_it_loads_the_next(tmp_path: Pat
 
     async def main() -> None:
         peer = Peer(replica, bodies=False)
-        served = peer.mailbox("default")
-        encode = served.encode_document
-
-        def spy_encode(doc_name: str, state_vector: bytes | None = None) -> bytes:
-            order.append(f"load {doc_name}")
-            return encode(doc_name, state_vector)
-
-        served.encode_document = spy_encode  # type: ignore[method-assign]
+        record_loads(peer.mailbox("default"), order, "load ")
         token = peer.registry.pair("phone", ["default"])
         server = await peer.serve()
         client = SyncConnection(Role.CLIENT)
         async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
                            additional_headers={"Authorization": f"Bearer {token}"}, compression=None) as websocket:
-            client.send_hello("phone-peer", ["default"])
-            for data in client.data_to_send():
-                await websocket.send(data)
-            while not any(isinstance(e, CatalogReceived) for e in client.events_received()):
-                client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+            await greet_as_phone(websocket, client)
             session = next(iter(peer.sessions))
             send = session.link.send
 
@@ -554,25 +563,14 @@ def test_a_serving_peer_loads_the_next_shard_only_once_the_last_answer_is_read(t
 
     async def main() -> None:
         peer = Peer(replica, bodies=False, limits=TransportLimits(write_ahead_bytes=64 * 1024))
-        served = peer.mailbox("default")
-        encode = served.encode_document
-
-        def spy_encode(doc_name: str, state_vector: bytes | None = None) -> bytes:
-            order.append(doc_name)
-            return encode(doc_name, state_vector)
-
-        served.encode_document = spy_encode  # type: ignore[method-assign]
+        record_loads(peer.mailbox("default"), order)
         token = peer.registry.pair("phone", ["default"])
         server = await peer.serve()
         client = SyncConnection(Role.CLIENT)
         async with connect(f"ws://127.0.0.1:{port_of(server)}/sync", max_size=None,
                            additional_headers={"Authorization": f"Bearer {token}"}, compression=None) as websocket:
             websocket.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            client.send_hello("phone-peer", ["default"])
-            for data in client.data_to_send():
-                await websocket.send(data)
-            while not any(isinstance(e, CatalogReceived) for e in client.events_received()):
-                client.receive_data(await asyncio.wait_for(websocket.recv(), 5))
+            await greet_as_phone(websocket, client)
             session = next(iter(peer.sessions))
             session.link.websocket.transport.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
