@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 # A peer that answers "missing" for a body it holds has usually just seen its file renamed or moved by a mail
 # client; the body is asked for again after these delays (then not again on this connection).
 MISSING_BODY_RETRY_SECONDS = (0.25, 1.0, 4.0, 15.0, 60.0)
+# A session's hold on the allocator (crdtmail.heap) ends at its SyncComplete, or after this long: a peer that
+# never answers must not keep this process from giving memory back for as long as the link lives.
+HEAP_HOLD_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,8 @@ class _Session:
             # A first sync brings (or sends) shards of megabytes, one after another.
             hold = contextlib.ExitStack()
             hold.enter_context(heap.large_allocations())
+            lapse = asyncio.get_running_loop().call_later(HEAP_HOLD_SECONDS, self._release_heap, name)
+            hold.callback(lapse.cancel)
             self.heap_holds[name] = hold
             sync.start()
 

@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server
 
 from crdtmail import heap
+from crdtmail import peer as peer_module
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
 from crdtmail.protocol.frames import EMPTY_STATE_VECTOR, SyncType, encode_y_websocket_sync
@@ -593,3 +594,30 @@ def test_a_serving_peer_loads_the_next_shard_only_once_the_last_answer_is_read(t
 
     run_closing(main(), replica)
     assert order == list(months)
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_that_never_completes_lets_go_of_the_allocator_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session holds the allocator's large-allocations mode until its SyncComplete, or HEAP_HOLD_SECONDS: a
+    peer that never answers does not keep it for as long as the link stays open."""
+    monkeypatch.setattr(peer_module, "HEAP_HOLD_SECONDS", 0.3)
+    replica = Replica.init(tmp_path / "desktop")
+    replica.mailbox("default", create=True).add(make_raw("one"))
+
+    async def main() -> None:
+        peer = Peer(replica, bodies=False)
+        token = peer.registry.pair("phone", ["default"])
+        server = await peer.serve()
+        async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
+                           additional_headers={"Authorization": f"Bearer {token}"}) as websocket:
+            await greet_as_phone(websocket, SyncConnection(Role.CLIENT))  # and then it says nothing more
+            session = next(iter(peer.sessions))
+            assert heap.holders() == 1 and not session.synced
+            await until(lambda: heap.holders() == 0, timeout=5)
+            assert not session.synced and not session.link.closed  # the link itself is not cut
+        server.close()
+        await server.wait_closed()
+
+    run_closing(main(), replica)
