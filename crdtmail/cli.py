@@ -507,6 +507,7 @@ def _body_policy(config: Config) -> BodyPolicy:
 
 
 async def _serve(replica: Replica, host: str, port: int, out: TextIO) -> int:
+    replica.claim_for_peer()
     peer = Peer(replica, bodies=_body_policy(replica.config))
     tls = replica.config.server_tls()
     try:
@@ -586,6 +587,7 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _sync_once(replica: Replica, timeout: float) -> list[dict[str, Any]]:
+    replica.claim_for_peer()
     peer = Peer(replica, bodies=_body_policy(replica.config))
     remotes = replica.config.peers
     figures: dict[str, dict[str, Any]] = {}

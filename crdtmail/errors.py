@@ -6,7 +6,8 @@ The whole hierarchy::
     ├── ConfigError                 the config file or a setting is wrong
     ├── StorageError                the peer's SQLite database cannot be used
     │   ├── CorruptStoreError       the database file is damaged or is not a crdtmail database
-    │   └── BlobIntegrityError      a body blob's bytes do not hash to the name it is stored under
+    │   ├── BlobIntegrityError      a body blob's bytes do not hash to the name it is stored under
+    │   └── DataDirInUseError       another crdtmail peer is already running on the data directory
     ├── ModelError                  a mailbox operation was refused; nothing was changed
     │   ├── UnknownMessageError     no message has that id (or the prefix matches none)
     │   ├── AmbiguousMessageError   an id prefix matches more than one message
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigError",
     "CorruptStoreError",
     "CrdtmailError",
+    "DataDirInUseError",
     "ExpungedMessageError",
     "FolderExistsError",
     "FolderNotEmptyError",
@@ -79,6 +81,10 @@ class CorruptStoreError(StorageError):
 
 class BlobIntegrityError(StorageError):
     """A body blob's bytes do not hash to the SHA-256 it is named by."""
+
+
+class DataDirInUseError(StorageError):
+    """Another crdtmail peer (serve, desktop, mobile, sync) is already running on this data directory."""
 
 
 class ModelError(CrdtmailError):

@@ -6,7 +6,9 @@ one ``Mailbox`` per mailbox name, each committing to its part of the store.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import secrets
 import sys
@@ -17,10 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 from crdtmail.config import CONFIG_FILE, DATABASE_FILE, Config, valid_mailbox_name
 from crdtmail.errors import (
     ConfigError,
+    DataDirInUseError,
     ExpungedMessageError,
     MessageParseError,
     ModelError,
@@ -38,6 +42,7 @@ PEER_ID_KEY = "peer_id"
 # leaf page its random message ids touch); 2,000 messages keep the queued bodies near 50 MB.
 IMPORT_COMMIT_EVERY = 2000
 IMPORT_SWITCH_INTERVAL = 0.0005  # seconds; see _short_switch_interval
+PEER_LOCK_FILE = "peer.lock"  # in the data directory: locked by the peer running on it (see claim_for_peer)
 
 
 
@@ -50,6 +55,7 @@ class Replica:
         self.store = store
         self._mailboxes: dict[str, Mailbox] = {}
         self._backends: dict[str, SqliteMailboxBackend] = {}
+        self._peer_lock: TextIO | None = None
 
     @classmethod
     def init(cls, data_dir: Path | str, *, config_path: Path | str | None = None) -> Replica:
@@ -120,10 +126,44 @@ class Replica:
         backend.fold_logs()
         return report
 
+    def claim_for_peer(self) -> None:
+        """Make this process the one peer running on the data directory until the replica is closed (or the
+        process ends, however it ends); DataDirInUseError if another one already is.
+
+        Two peers on one directory would both take in every change, and two desktop peers would both deliver a
+        new message into the Maildir. One-shot commands (``ls``, ``flag``, ...) still run beside the peer.
+        """
+        if self._peer_lock is not None:
+            return
+        path = self.data_dir / PEER_LOCK_FILE
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open until close)
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process (or another replica of this one)
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise DataDirInUseError(
+                f"another crdtmail peer{who} is running on {self.data_dir}: stop it first, or give this one a "
+                "data directory of its own (--data-dir)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._peer_lock = handle
+
     def close(self) -> None:
         """Close the store; mailboxes opened from it must not be used afterwards."""
         self._mailboxes.clear()
         self.store.close()
+        if self._peer_lock is not None:
+            self._peer_lock.close()  # and with it the lock
+            self._peer_lock = None
 
     def __enter__(self) -> Replica:
         return self

@@ -331,6 +331,7 @@ def maildirs_from(values: Sequence[str], replica: Replica, default_mailbox: str 
 async def run_desktop(replica: Replica, maildirs: dict[str, Path], *, host: str | None, port: int | None,
                       once: bool, out: Any, watcher: str = "watchdog") -> int:
     """The body of ``crdtmail desktop``: bridge (and, unless ``once``, serve and watch) until a signal."""
+    replica.claim_for_peer()  # a second desktop peer on the same directory would deliver new mail twice
     desktop = DesktopPeer(replica, maildirs, watcher=watcher)
     reports = desktop.open_bridges()
     for name, report in reports.items():

@@ -715,6 +715,7 @@ def config_from_args(args: argparse.Namespace, replica: Replica) -> MobileConfig
 
 async def run_mobile(replica: Replica, config: MobileConfig, *, duration: float | None, out: TextIO) -> int:
     """Run a mobile peer until ``duration`` passes or SIGINT/SIGTERM arrives; print a summary line."""
+    replica.claim_for_peer()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []

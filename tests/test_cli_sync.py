@@ -262,3 +262,16 @@ def test_show_fetches_a_body_the_phone_does_not_keep(tmp_path: Path) -> None:
     assert "not available offline" in offline.stdout
     failed = crdtmail(phone, "show", other, "--raw", "--wait", "1", check=False)
     assert failed.returncode == 1 and failed.stderr.count("\n") == 1
+
+
+def test_a_second_peer_on_a_data_directory_is_refused_while_commands_still_run(tmp_path: Path) -> None:
+    desktop = tmp_path / "desktop"
+    crdtmail(desktop, "init")
+    with serving(desktop) as (_, server):
+        again = crdtmail(desktop, "serve", "--port", "0", check=False)
+        assert again.returncode == 1 and again.stderr.count("\n") == 1
+        assert f"another crdtmail peer (pid {server.pid}) is running on" in again.stderr
+        crdtmail(desktop, "connect", "ws://127.0.0.1:9/sync", "--token=unused")
+        synced = crdtmail(desktop, "sync", "--timeout", "5", check=False)  # a peer too, if only for a moment
+        assert synced.returncode == 1 and "another crdtmail peer" in synced.stderr
+        crdtmail(desktop, "status")  # a one-shot command runs beside the peer
