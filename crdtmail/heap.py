@@ -4,7 +4,7 @@ An initial sync handles megabyte shards one after another: the frame, its payloa
 SQLite row each take megabytes and give them back. With glibc's defaults a block that large is a fresh ``mmap``
 (or the top of the heap is handed back to the system as soon as it is free), so every shard pays again for
 the page faults of memory the one before it just released. While ``large_allocations`` is held, big blocks come
-from the heap and freed memory stays there for the next shard; when the last holder lets go, the thresholds
+from the heap and freed memory stays there for the next shard; when the last ``Hold`` lets go, the thresholds
 come down to settled values (see SETTLED_TRIM_THRESHOLD) and, if large blocks were taken meanwhile
 (``note_large``), what is free is returned to the system (``malloc_trim``).
 
@@ -65,7 +65,7 @@ def supported() -> bool:
 
 
 def holders() -> int:
-    """How many ``large_allocations`` are held right now."""
+    """How many holds (``Hold``, ``large_allocations``) are held right now."""
     return _holders
 
 
@@ -78,25 +78,49 @@ def note_large(size: int) -> None:
         _large_since_held = True
 
 
-@contextmanager
-def large_allocations() -> Iterator[None]:
-    """Hold the allocator in "large allocations" mode (see the module) for the block; holds may overlap and
-    nest, and the last one to end settles the thresholds and returns free memory to the system."""
-    global _holders, _large_since_held
-    with _lock:
-        _holders += 1
-        if _holders == 1 and _glibc is not None:
-            _glibc.mallopt(_M_MMAP_THRESHOLD, HELD_MMAP_THRESHOLD)
-            _glibc.mallopt(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD)
-    try:
-        yield
-    finally:
+class Hold:
+    """One holder of the "large allocations" mode (see the module), from its creation until ``release``.
+
+    Holds may overlap and nest; the last one released settles the thresholds and, if a large block was taken
+    meanwhile (``note_large``, or ``large=True`` here), returns free memory to the system. Releasing twice is
+    harmless, so a hold can be let go both when its work ends and by a timer.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self, *, large: bool = False) -> None:
+        global _holders, _large_since_held
         with _lock:
+            _holders += 1
+            _large_since_held = _large_since_held or large
+            if _holders == 1 and _glibc is not None:
+                _glibc.mallopt(_M_MMAP_THRESHOLD, HELD_MMAP_THRESHOLD)
+                _glibc.mallopt(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD)
+        self._held = True
+
+    def release(self) -> None:
+        """Let go (once; later calls do nothing)."""
+        global _holders, _large_since_held
+        with _lock:
+            if not self._held:
+                return
+            self._held = False
             _holders -= 1
-            if _holders == 0 and _glibc is not None:
+            if _holders:
+                return
+            if _glibc is not None:
                 _glibc.mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
                 _glibc.mallopt(_M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
                 if _large_since_held:
                     _glibc.malloc_trim(0)
-            if _holders == 0:
-                _large_since_held = False
+            _large_since_held = False
+
+
+@contextmanager
+def large_allocations() -> Iterator[None]:
+    """A ``Hold`` for the length of a block."""
+    hold = Hold()
+    try:
+        yield
+    finally:
+        hold.release()

@@ -142,8 +142,8 @@ class _Session:
     missing_answers: dict[str, int] = field(default_factory=dict)  # body hash -> "missing" answers so far
     step1_waiting: deque[SyncStep1Received] = field(default_factory=deque)  # see handle_events
     # Per mailbox being synced: its hold on the allocator's large-allocations mode (crdtmail.heap), let go at
-    # its SyncComplete or when the session ends.
-    heap_holds: dict[str, contextlib.ExitStack] = field(default_factory=dict)
+    # its SyncComplete, when the session ends, or after HEAP_HOLD_SECONDS.
+    heap_holds: dict[str, heap.Hold] = field(default_factory=dict)
 
     async def run(self) -> None:
         self.peer.sessions.add(self)
@@ -179,7 +179,7 @@ class _Session:
                     break
         for name in self.synced:  # list what arrived whole: the first sync, a shard asked for after it
             self.peer.index_soon(name)
-        self._release_heap(*(name for name in self.synced if name in self.heap_holds))  # after the listing took its own
+        self._release_heap(*self.synced)  # after the listing took its own hold
         return self.connection.is_open or self.connection.close_code is None
 
     def _one_commit(self) -> contextlib.ExitStack:
@@ -268,18 +268,15 @@ class _Session:
             sync = MailboxSync(self.connection, name, MailboxSource(mailbox, accepts=self.peer.accepts_document))
             self.syncs[name] = sync
             # A first sync brings (or sends) shards of megabytes, one after another.
-            hold = contextlib.ExitStack()
-            hold.enter_context(heap.large_allocations())
-            lapse = asyncio.get_running_loop().call_later(HEAP_HOLD_SECONDS, self._release_heap, name)
-            hold.callback(lapse.cancel)
-            self.heap_holds[name] = hold
+            hold = self.heap_holds[name] = heap.Hold()
+            asyncio.get_running_loop().call_later(HEAP_HOLD_SECONDS, hold.release)
             sync.start()
 
     def _release_heap(self, *mailboxes: str) -> None:
         for name in mailboxes:
             hold = self.heap_holds.pop(name, None)
             if hold is not None:
-                hold.close()
+                hold.release()
 
     def on_update(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
         sync = self.syncs.get(mailbox)
@@ -443,15 +440,13 @@ class Peer:
             return  # the peer is stopping: a task started now would be cut off; the next open lists them
         # Every step builds a shard of megabytes and drops it. Held from now on: the session that stored the shards
         # may let go of its own hold before the task first runs.
-        hold = contextlib.ExitStack()
-        hold.enter_context(heap.large_allocations())
-        heap.note_large(heap.LARGE_BYTES)
+        hold = heap.Hold(large=True)
         task = asyncio.get_running_loop().create_task(self._index(mailbox))
         self._indexing[mailbox] = task
 
         def finished(_: asyncio.Task[None]) -> None:
             self._indexing.pop(mailbox, None)
-            hold.close()
+            hold.release()
 
         task.add_done_callback(finished)
 

@@ -26,6 +26,11 @@ def test_holds_overlap_and_nest() -> None:
     assert heap.holders() == 1
     second.close()
     assert heap.holders() == 0
+    hold = heap.Hold()
+    assert heap.holders() == 1
+    hold.release()
+    hold.release()  # a second release (a timer's, after the work's own) changes nothing
+    assert heap.holders() == 0
 
 
 def churn(megabytes: int) -> None:
