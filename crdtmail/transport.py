@@ -142,6 +142,7 @@ class _LinkConnection(Connection):
     message queue, so a link can handle them inside the read callback (``Link.deliver``)."""
 
     inbox: _Inbox
+    on_writable: Callable[[], None] | None = None  # called when the transport's buffer drains (the link's)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -165,8 +166,6 @@ class _LinkConnection(Connection):
         super().resume_writing()
         if self.on_writable is not None:
             self.on_writable()
-
-    on_writable: Callable[[], None] | None = None  # the link's, once it has one
 
 
 class _LinkServerConnection(_LinkConnection, ServerConnection):
