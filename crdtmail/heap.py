@@ -11,15 +11,23 @@ come down to settled values (see SETTLED_TRIM_THRESHOLD) and, if large blocks we
 Measured on the 100k-message bench mailbox, interleaved runs of a fresh peer: its last 3 months in sync in
 0.101-0.128 s against 0.134-0.165 s and listed in 0.91-1.05 s against 1.07-1.12 s; the whole mailbox in
 0.25-0.38 s against 0.30-0.43 s; peak RSS 10 MB higher (148 against 138 MB).
+
+Under a hold, ``prefault`` makes the heap's next megabytes resident on a helper thread, ahead of the shards that
+will need them: on this VM a page faulted in costs 2-3 us, and a fresh peer's first two month shards faulted in
+about 43 MB (11,000 pages, 25-30 ms of the 0.1 s) while Yrs decoded them and SQLite stored them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -40,12 +48,16 @@ def _load_glibc() -> ctypes.CDLL | None:
     if name is None:
         return None
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(name, use_errno=True)
         # musl, bionic and the BSDs have no gnu_get_libc_version; their mallopt is absent or takes other values.
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.gnu_get_libc_version()
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc
@@ -55,6 +67,13 @@ _glibc = _load_glibc()
 _lock = threading.Lock()
 _holders = 0
 _large_since_held = False
+_prefaulting: threading.Thread | None = None
+_populate_supported = True  # until the kernel says it does not know MADV_POPULATE_WRITE
+# madvise advice (Linux 5.14 and later): fault the range in as writable, leaving its contents as they are.
+_MADV_POPULATE_WRITE = 23
+_PAGE = 4096
+# The most one ``prefault`` makes resident: about what a fresh peer's biggest month shards fault in.
+PREFAULT_MAX_BYTES = 48 * 1024 * 1024
 # From this size on a block counts as large (see ``note_large``).
 LARGE_BYTES = 1024 * 1024
 
@@ -114,6 +133,43 @@ class Hold:
                 if _large_since_held:
                     _glibc.malloc_trim(0)
             _large_since_held = False
+
+
+def prefault(size: int) -> threading.Thread | None:
+    """Make the next ``size`` bytes (at most PREFAULT_MAX_BYTES) of the heap resident, on a helper thread, while
+    this thread goes on; returns that thread, or None when there is nothing to do: no hold is held (the memory
+    would go straight back to the system), a prefault is still running, or the allocator is not glibc's.
+
+    A block of ``size`` is taken from the heap and given back at once, which leaves the heap that much larger
+    (a hold keeps it), and the thread faults its pages in with ``MADV_POPULATE_WRITE``, which changes no byte of
+    them, so the allocator may hand them out meanwhile. Where the kernel lacks that advice nothing happens.
+    """
+    global _prefaulting
+    size = min(size, PREFAULT_MAX_BYTES)
+    with _lock:
+        if (_glibc is None or not _populate_supported or not _holders or size < _PAGE
+                or (_prefaulting is not None and _prefaulting.is_alive())):
+            return None
+        block = _glibc.malloc(size)
+        if not block:
+            return None
+        _glibc.free(block)
+        start = (block + _PAGE - 1) & ~(_PAGE - 1)
+        length = (size - (start - block)) & ~(_PAGE - 1)
+        thread = threading.Thread(target=_populate, args=(start, length), name="crdtmail-prefault", daemon=True)
+        thread.start()
+        _prefaulting = thread
+        return thread
+
+
+def _populate(start: int, length: int) -> None:
+    global _populate_supported
+    assert _glibc is not None
+    # ctypes lets go of the GIL for the call, so the faults are taken on another core. A range the heap gave back
+    # meanwhile (a hold ended and trimmed it) fails with ENOMEM, and is no loss.
+    if _glibc.madvise(start, length, _MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
+        _populate_supported = False
+        log.debug("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): no faulting in ahead")
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from crdtmail.errors import CrdtmailError, ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import INDEX_DOC, UNDATED, Mailbox, MailboxChange, is_document_name
 from crdtmail.model.message import Envelope
+from crdtmail.protocol.encoding import EMPTY_STATE_VECTOR, decode_state_vector
 from crdtmail.protocol.frames import (
     CloseCode,
     SyncType,
@@ -44,6 +45,7 @@ from crdtmail.protocol.session import (
     BlobMissing,
     BlobReceived,
     BlobsWanted,
+    CatalogReceived,
     ConnectionClosed,
     Event,
     HelloReceived,
@@ -68,6 +70,15 @@ MISSING_BODY_RETRY_SECONDS = (0.25, 1.0, 4.0, 15.0, 60.0)
 # A session's hold on the allocator (crdtmail.heap) ends at its SyncComplete, or after this long: a peer that
 # never answers must not keep this process from giving memory back for as long as the link lives.
 HEAP_HOLD_SECONDS = 60.0
+# A shard takes about this many bytes per unit of its state vector's clocks (an envelope, a placement or a flag
+# each add one): 125-145 in the generated mailboxes of bench/. A catalog's state vectors so tell roughly how many
+# bytes a first sync is about to bring, before any of them arrives.
+SHARD_BYTES_PER_CLOCK = 130
+# Memory a shard arriving whole faults in, per byte of it: its frame, its payload, Yrs' decoding of it (3 times
+# over, measured on the bench mailbox's month shards; the ones after reuse what the first ones freed).
+PREFAULT_PER_SHARD_BYTE = 3
+# Below this, faulting in ahead is not worth a thread.
+PREFAULT_MIN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -222,6 +233,9 @@ class _Session:
                 self.flush()
                 self.link.close_soon(websocket_close_code(event.code), event.reason[:120])
             self._to_syncs(event)
+            if isinstance(event, CatalogReceived) and event.mailbox in self.heap_holds:
+                self.flush()  # the step 1s first
+                self._prefault_for(event)
 
     def _answer_waiting(self) -> None:
         """Answer the step 1s held back (``handle_events``) while the link takes what is sent."""
@@ -271,6 +285,19 @@ class _Session:
             hold = self.heap_holds[name] = heap.Hold()
             asyncio.get_running_loop().call_later(HEAP_HOLD_SECONDS, hold.release)
             sync.start()
+
+    def _prefault_for(self, catalog: CatalogReceived) -> None:
+        """Before the shards this side lacks altogether arrive, have the heap they will take faulted in on a
+        helper thread (``heap.prefault``): the size comes from the catalog's state vectors."""
+        mailbox = self.peer.mailbox(catalog.mailbox)
+        clocks = 0
+        for entry in catalog.entries:
+            if (self.peer.accepts_document(entry.document)
+                    and mailbox.document_state_vector(entry.document) == EMPTY_STATE_VECTOR):
+                clocks += sum(decode_state_vector(entry.state_vector).values())
+        expected = clocks * SHARD_BYTES_PER_CLOCK * PREFAULT_PER_SHARD_BYTE
+        if expected >= PREFAULT_MIN_BYTES:
+            heap.prefault(expected)
 
     def _release_heap(self, *mailboxes: str) -> None:
         for name in mailboxes:

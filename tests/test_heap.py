@@ -58,3 +58,22 @@ def test_freed_memory_stays_while_held_and_goes_back_after_large_blocks(large: b
         with heap.large_allocations():
             pass
         assert rss_mb() - before < 32
+
+
+@pytest.mark.skipif(not heap.supported(), reason="tunes glibc's allocator only")
+def test_prefault_makes_the_heap_resident_ahead_and_a_trim_gives_it_back() -> None:
+    before = rss_mb()
+    assert heap.prefault(64 * 2**20) is None  # no hold: the memory would go straight back
+    with heap.large_allocations():
+        thread = heap.prefault(64 * 2**20)  # more than PREFAULT_MAX_BYTES: that much
+        if thread is None:
+            pytest.skip("a prefault of this process is still running")
+        assert heap.prefault(8 * 2**20) is None  # one at a time
+        thread.join(10)
+        if not heap._populate_supported:
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+        grown = rss_mb() - before
+        # Resident although nothing was allocated: the allocations of a first sync find their pages there.
+        assert heap.PREFAULT_MAX_BYTES / 2**20 - 8 < grown < heap.PREFAULT_MAX_BYTES / 2**20 + 16
+        heap.note_large(heap.LARGE_BYTES)
+    assert rss_mb() - before < 16

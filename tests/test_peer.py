@@ -17,6 +17,7 @@ from crdtmail import heap
 from crdtmail import peer as peer_module
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
+from crdtmail.protocol.encoding import decode_state_vector
 from crdtmail.protocol.frames import EMPTY_STATE_VECTOR, SyncType, encode_y_websocket_sync
 from crdtmail.protocol.session import CatalogReceived, Role, SyncConnection, SyncStep2Received
 from crdtmail.replica import Replica
@@ -410,6 +411,38 @@ def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Pa
         # Both sides in sync and the listing done: no hold on the allocator is left (its thresholds settled).
         await until(lambda: not phone._indexing and all(s.synced for s in desktop.sessions))
         assert heap.holders() == 0
+        await hang_up(dialer, task, phone, server)
+
+    run_closing(main(), desktop_replica, phone_replica)
+
+
+def test_a_first_sync_has_the_heap_for_the_shards_it_lacks_faulted_in_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The phone's session sizes ``heap.prefault`` from the catalog's state vectors of the shards it lacks
+    altogether (inside its sync window), and asks for none once it holds them all."""
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desk_box = desktop_replica.mailbox("default", create=True)
+    for n, month in enumerate(["Sep", "Oct", "Nov"] * 4):
+        desk_box.add(make_raw(f"month {n}", date=f"02 {month} 2026 10:00:00 +0000"))
+    phone_replica = Replica.init(tmp_path / "phone")
+    asked: list[int] = []
+    prefault = heap.prefault
+    monkeypatch.setattr(heap, "prefault", lambda size: asked.append(size) or prefault(size))
+    monkeypatch.setattr(peer_module, "PREFAULT_MIN_BYTES", 1)  # the real floor is megabytes
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False,
+                                                                   oldest_shard="2026-10")
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
+        await phone.wait_synced("default", timeout=15)
+        clocks = sum(sum(decode_state_vector(desk_box.document_state_vector(name)).values())
+                     for name in ("2026-10", "2026-11"))  # not 2026-09 (outside the window), nor the index
+        assert asked == [clocks * peer_module.SHARD_BYTES_PER_CLOCK * peer_module.PREFAULT_PER_SHARD_BYTE]
+        await hang_up(dialer, task, phone, server)
+        desk_box.set_flags(next(iter(desk_box.all_messages())).id, add=["flagged"])
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
+        await until(lambda: any(s.synced for s in phone.sessions))
+        assert len(asked) == 1  # a resync of what it holds already brings a few changes, not shards
         await hang_up(dialer, task, phone, server)
 
     run_closing(main(), desktop_replica, phone_replica)
