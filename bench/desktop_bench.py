@@ -11,6 +11,8 @@ Figures (issue 4's targets in brackets), each desktop peer a separate `crdtmail 
 from __future__ import annotations
 
 import argparse
+import functools
+import operator
 import os
 import shutil
 import sqlite3
@@ -153,7 +155,7 @@ def _rename_latency(a_data: Path, a_maildir: Path, b_data: Path, b_maildir: Path
             wall = time.time()
             os.rename(source, a_maildir / folder_dir / "cur" / f"{unique}:2,{letters}")
             with got:
-                got.wait_for(lambda message_id=message_id: message_id in arrived, timeout=5)
+                got.wait_for(functools.partial(operator.contains, arrived, message_id), timeout=5)
             if message_id in arrived:
                 latencies.append((arrived[message_id] - started) * 1000)
                 if latencies[-1] > 50:

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     state = python_child(STATE, str(data_dir))
     cold = [python_child(COLD_OPEN, str(data_dir)) for _ in range(max(1, args.cold_runs))]
     cold_ms = sorted(run["open_list_count_ms"] for run in cold)
-    results = {
+    results: dict[str, Any] = {
         "scenario": "import",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),

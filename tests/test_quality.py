@@ -1,4 +1,4 @@
-"""mypy --strict on the library and ruff on the whole tree are part of the test suite."""
+"""mypy --strict on the library, the peers and the benchmarks, and ruff on the whole tree, are part of the test suite."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_mypy_strict_on_the_library() -> None:
-    result = _run("mypy", "--strict", "crdtmail", "peers")
+    result = _run("mypy", "--strict", "crdtmail", "peers", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

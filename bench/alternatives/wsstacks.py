@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def build_document(path: Path, count: int, seed: int = 0) -> dict[str, Any]:
 
     from crdtmail.sample import generate_messages
 
+    parse_message: Callable[[bytes], Any] | None
     try:
         from crdtmail.model.message import parse_message
     except ImportError:  # pragma: no cover - only if the model moves; the bench then keeps its own envelope
