@@ -1,4 +1,4 @@
-"""mypy --strict on the library, the peers and the benchmarks, and ruff on the whole tree, are part of the test suite."""
+"""mypy --strict on the library, the peers and the benchmarks, and ruff on the whole tree: part of the tests."""
 
 from __future__ import annotations
 
