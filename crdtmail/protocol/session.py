@@ -888,10 +888,10 @@ class MailboxSync:
        local and relayed changes as updates, never echoing a change back to the connection it came from.
 
     Relaying makes the same update bytes reach a peer over several paths, and in a mesh with a cycle they
-    would go round it for ever (a Mailbox reports a duplicate it applied as a change like any other). So each
-    MailboxSync remembers digests of the last ``RELAY_MEMORY`` updates that crossed its connection, either way,
-    and never sends or applies the same bytes twice on it (step 2 answers are left out: they are never relayed as
-    themselves).
+    would go round it for ever if a source passed on every update it applied (crdtmail's Mailbox passes on
+    only those that changed something; a source need not). So each MailboxSync remembers digests of the last
+    ``RELAY_MEMORY`` updates that crossed its connection, either way, and never sends or applies the same bytes
+    twice on it (step 2 answers are left out: they are never relayed as themselves).
 
     ``is_synced`` turns True (and ``handle`` returns ``SyncComplete`` once) when the peer's CATALOG was handled
     and every step 1 sent got its step 2.
