@@ -73,7 +73,8 @@ def test_prefault_makes_the_heap_resident_ahead_and_a_trim_gives_it_back() -> No
         if not heap._populate_supported:
             pytest.skip("this kernel has no MADV_POPULATE_WRITE")
         grown = rss_mb() - before
-        # Resident although nothing was allocated: the allocations of a first sync find their pages there.
-        assert heap.PREFAULT_MAX_BYTES / 2**20 - 8 < grown < heap.PREFAULT_MAX_BYTES / 2**20 + 16
+        # Resident although nothing was allocated: the allocations of a first sync find their pages there. (Less
+        # than all of it where the heap's top was resident already: up to the settled trim threshold.)
+        assert heap.PREFAULT_MAX_BYTES / 2**21 < grown < heap.PREFAULT_MAX_BYTES / 2**20 + 16
         heap.note_large(heap.LARGE_BYTES)
     assert rss_mb() - before < 16
