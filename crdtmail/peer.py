@@ -33,7 +33,6 @@ from crdtmail.errors import CrdtmailError, ModelError, ProtocolError
 from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import INDEX_DOC, UNDATED, Mailbox, MailboxChange, is_document_name
 from crdtmail.model.message import Envelope
-from crdtmail.protocol.encoding import EMPTY_STATE_VECTOR, decode_state_vector
 from crdtmail.protocol.frames import (
     CloseCode,
     SyncType,
@@ -287,17 +286,12 @@ class _Session:
             sync.start()
 
     def _prefault_for(self, catalog: CatalogReceived) -> None:
-        """Before the shards this side lacks altogether arrive, have the heap they will take faulted in on a
-        helper thread (``heap.prefault``): the size comes from the catalog's state vectors."""
-        mailbox = self.peer.mailbox(catalog.mailbox)
-        clocks = 0
-        for entry in catalog.entries:
-            if (self.peer.accepts_document(entry.document)
-                    and mailbox.document_state_vector(entry.document) == EMPTY_STATE_VECTOR):
-                clocks += sum(decode_state_vector(entry.state_vector).values())
-        expected = clocks * SHARD_BYTES_PER_CLOCK * PREFAULT_PER_SHARD_BYTE
-        if expected >= PREFAULT_MIN_BYTES:
-            heap.prefault(expected)
+        """Before the shards this side asked for whole arrive, have the heap they will take faulted in on a helper
+        thread (``heap.prefault``): the size comes from the peer's state vectors of them (``requested_whole``)."""
+        clocks = sum(self.syncs[catalog.mailbox].requested_whole.values())
+        size = clocks * SHARD_BYTES_PER_CLOCK * PREFAULT_PER_SHARD_BYTE
+        if size >= PREFAULT_MIN_BYTES:
+            heap.prefault(size)
 
     def _release_heap(self, *mailboxes: str) -> None:
         for name in mailboxes:

@@ -907,6 +907,9 @@ class MailboxSync:
         self._started = False
         self._catalog_received = False
         self._pending: dict[str, int] = {}
+        # Of the last CATALOG: the documents asked for whole (nothing of them here), each with the number of
+        # items (the sum of the clocks of its state vector) the peer holds of it.
+        self.requested_whole: dict[str, int] = {}
         self._complete_reported = False
         self._seen: OrderedDict[bytes, None] = OrderedDict()
 
@@ -1021,19 +1024,25 @@ class MailboxSync:
             self._seen.popitem(last=False)
         return True
 
-    def _request(self, doc: str) -> None:
-        self.connection.send_sync_step1(self.mailbox, doc, self.source.state_vector(doc))
+    def _request(self, doc: str, state_vector: bytes | None = None) -> None:
+        if state_vector is None:
+            state_vector = self.source.state_vector(doc)
+        self.connection.send_sync_step1(self.mailbox, doc, state_vector)
         self._pending[doc] = self._pending.get(doc, 0) + 1
 
     def _on_catalog(self, entries: tuple[CatalogEntry, ...]) -> None:
+        self.requested_whole = {}
         for entry in entries:
             doc = entry.document
             if not self.source.accepts(doc) or self._pending.get(doc):
                 continue
             theirs = decode_state_vector(entry.state_vector)
-            ours = decode_state_vector(self.source.state_vector(doc))
+            state_vector = self.source.state_vector(doc)
+            ours = decode_state_vector(state_vector)
             if not dominates(ours, theirs):
-                self._request(doc)
+                self._request(doc, state_vector)
+                if not ours:
+                    self.requested_whole[doc] = sum(theirs.values())
         self._catalog_received = True
 
     def _on_step1(self, doc: str, state_vector: bytes) -> None:

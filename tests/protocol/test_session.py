@@ -393,6 +393,9 @@ def test_full_sync_of_diverged_documents() -> None:
     assert contents(client_source.docs["shared"]) == {"base": 1, "server": 2, "client": 3}
     assert client.syncs["alice"].is_synced and server.syncs["alice"].is_synced
     assert client.events.count(SyncComplete("alice")) == 1
+    # Asked for whole: what a side had nothing of, with the items the peer holds of it; not what it had some of.
+    assert client.syncs["alice"].requested_whole == {"only-server": 1}
+    assert server.syncs["alice"].requested_whole == {"index": 1}
     # Every update was applied with the connection it came from as origin.
     assert {origin for _, _, origin in client_source.applied} == {pair.client}
     assert {origin for _, _, origin in server_source.applied} == {pair.server}
