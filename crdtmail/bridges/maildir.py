@@ -657,15 +657,21 @@ class MaildirBridge:
             state.save(put=[record])
             self._reconcile(record, file, row, report)
             return None
+        # A device may have deleted the directory's folder since the last pass: the message then goes where the
+        # replica shows whatever is placed in a deleted folder, the trash, and its file follows at the next pass.
+        placed = self.mailbox.effective_folder(folder_id)
         try:
-            result = self.mailbox.add(parsed, folder=folder_id, flags=flags_for_letters(file.letters),
-                                      keep_body=False)
+            result = self.mailbox.add(parsed, folder=placed, flags=flags_for_letters(file.letters), keep_body=False)
         except ExpungedMessageError:
             self._to_expunged_area(self.path(file), f"message {message_id} was expunged on a device")
             report.moved_to_expunged_area += 1
             return None
         if result.added:
             report.added_to_replica += 1
+        if placed != folder_id:
+            log.info("bridge %s: %s is in the directory of a deleted folder; message %s is in the trash",
+                     self.mailbox.name, show_path(self.path(file)), message_id)
+            self.dirty_messages.add(message_id)
         return FileRecord(file.uid, message_id, folder_id, file, file.letters, sha256)
 
     def _row(self, message_id: str) -> IndexRow | None:
@@ -695,7 +701,9 @@ class MaildirBridge:
         target_folder = row.folder_id
         file_folder = self._folder_for_dir(file.folder_dir)
         if file_folder != record.folder_id:
-            # Moved in the Maildir since the last sync: that move is the newest word on the message's folder.
+            # Moved in the Maildir since the last sync: that move is the newest word on the message's folder. Into
+            # the directory of a folder a device has deleted since, it is a move to the trash (as in the replica).
+            file_folder = self.mailbox.effective_folder(file_folder)
             if file_folder != row.folder_id:
                 self.mailbox.move(message_id, file_folder)
                 report.moves_to_replica += 1

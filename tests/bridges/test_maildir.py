@@ -306,6 +306,36 @@ def test_message_in_deleted_folder_moves_to_trash_directory(desk: Desk) -> None:
     assert desk.files() == {message_id: [(".Trash", "")]}
 
 
+def test_new_file_in_the_directory_of_a_folder_deleted_meanwhile_goes_to_the_trash(desk: Desk) -> None:
+    # A device deletes the folder while a mail filter delivers into its directory: the bridge raised
+    # UnknownFolderError at every pass (found by tests/bridges/test_maildir_property.py).
+    make_maildir(desk.root / ".Lists")
+    desk.full()
+    desk.box.delete_folder("Lists")
+    desk.deliver(make_raw("filtered"), folder_dir=".Lists", sub="new", name="20.s")
+    desk.full()
+    message_id = only_id(desk)
+    assert desk.box.folder(desk.box.message(message_id).folder_id).role == "trash"
+    desk.quick()
+    assert desk.files() == {message_id: [(".Trash", "")]}
+    desk.full()
+    assert not (desk.root / ".Lists").exists()
+
+
+def test_file_moved_into_the_directory_of_a_folder_deleted_meanwhile_goes_to_the_trash(desk: Desk) -> None:
+    make_maildir(desk.root / ".Lists")
+    path = desk.deliver(make_raw("moved"), sub="cur", name="21.t:2,S")
+    desk.full()
+    message_id = only_id(desk)
+    desk.box.delete_folder("Lists")
+    path.rename(desk.root / ".Lists" / "cur" / path.name)
+    desk.full()
+    assert desk.box.folder(desk.box.message(message_id).folder_id).role == "trash"
+    assert desk.files() == {message_id: [(".Trash", "S")]}
+    desk.full()
+    assert not (desk.root / ".Lists").exists()
+
+
 # ------------------------------------------------------------------------------------------ concurrent edits
 
 
