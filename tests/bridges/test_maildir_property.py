@@ -37,7 +37,7 @@ REPLICA_FLAGS = (SEEN, FLAGGED, ANSWERED)
 KINDS = (
     "deliver", "deliver_copy", "rename_flags", "move_file", "unlink",  # other programs, in the Maildir
     "make_dir", "rename_dir",
-    "set_flags", "move", "expunge",  # the user, through a replica
+    "set_flags", "move", "expunge", "import",  # the user, through a replica
     "create_folder", "rename_folder", "delete_folder",
     "full_pass", "quick_pass", "sync", "restart",  # the bridge and the peers
 )
@@ -87,38 +87,46 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
         name = unique + ("" if sub == "new" else ":2," + "S" * (selector // 4 % 2))
         desk.deliver(raw, folder_dir=folder_dir, sub=sub, name=name)
         world.delivered[which][unique] = message_id
+    elif kind == "import":
+        # Mail that reaches the replica first (`crdtmail import`, or a peer without a Maildir): the bridge
+        # delivers its file from the blob store.
+        world.counter += 1
+        raw = make_raw(f"imported {world.counter}", message_id=f"<i{world.counter}.{selector}@prop.example>")
+        folders = desk.box.folders()
+        added = desk.box.add(raw, folder=folders[selector % len(folders)].id)
+        world.raws[added.message_id] = raw
     elif kind == "deliver_copy":
         # The same mail received independently by this desktop too (mbsync of a second account, say), before it
         # has anything of it: no row, no file.
         known = {row.message_id for row in desk.box.index_rows()}
         on_disk = {message_id for _, message_id in _files(desk)}
-        message_id = _pick(sorted(set(world.raws) - known - on_disk - set(world.delivered[which].values())), selector)
-        if message_id is None:
+        candidate = _pick(sorted(set(world.raws) - known - on_disk - set(world.delivered[which].values())), selector)
+        if candidate is None:
             return
         world.counter += 1
         unique = f"{world.counter}.c{which}.prop"
-        desk.deliver(world.raws[message_id], folder_dir=_pick(desk.bridge.folder_dirs(), selector) or "", sub="cur",
+        desk.deliver(world.raws[candidate], folder_dir=_pick(desk.bridge.folder_dirs(), selector) or "", sub="cur",
                      name=unique + ":2,")
-        world.delivered[which][unique] = message_id
+        world.delivered[which][unique] = candidate
     elif kind in ("rename_flags", "move_file", "unlink"):
         files = _files(desk)
         if kind == "unlink":
             # Only a file the bridge has seen: removing one it never saw is not a change to the mailbox.
             counts: dict[str, int] = {}
-            for _, message_id in files:
-                if message_id is not None:
-                    counts[message_id] = counts.get(message_id, 0) + 1
+            for _, recorded in files:
+                if recorded is not None:
+                    counts[recorded] = counts.get(recorded, 0) + 1
             files = [(file, mid) for file, mid in files if mid is not None and counts[mid] == 1]
         picked = _pick(files, selector)
         if picked is None:
             return
-        file, message_id = picked
+        file, recorded = picked
         path = desk.bridge.path(file)
         if kind == "unlink":
             path.unlink()
             world.removed[which].add(split_name(file.name)[0])
-            assert message_id is not None
-            world.expunged.add(message_id)
+            assert recorded is not None
+            world.expunged.add(recorded)
         elif kind == "rename_flags":
             unique, info = split_name(file.name)
             letters = set(info or "")
@@ -164,9 +172,9 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
             else:
                 desk.box.set_flags(row.message_id, add=[flag])
         elif kind == "move":
-            target = _pick([f for f in desk.box.folders() if f.id != row.folder_id], selector)
-            if target is not None:
-                desk.box.move(row.message_id, target.id)
+            destination = _pick([f for f in desk.box.folders() if f.id != row.folder_id], selector)
+            if destination is not None:
+                desk.box.move(row.message_id, destination.id)
         else:
             desk.box.expunge(row.message_id)
             world.expunged.add(row.message_id)
@@ -200,7 +208,7 @@ def _sync(world: World) -> None:
     exchange(first.box, second.box)
     for taker, giver in ((first, second), (second, first)):
         for sha256 in list(taker.bridge.waiting_bodies):
-            body = giver.bridge.read_body(sha256)
+            body = giver.bridge.read_body(sha256) or giver.replica.store.backend("").get_blob(sha256)
             if body is not None:
                 taker.bridge.take_body(sha256, body)
 
