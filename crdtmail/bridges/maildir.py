@@ -537,6 +537,12 @@ class MaildirBridge:
         directories of folders the replica deleted."""
         live = {folder.id: folder for folder in self.mailbox.folders()}
         for folder_dir in vanished:
+            if os.path.isdir(self.root / folder_dir):
+                # Made again by a delivery of this pass: its folder got mail meanwhile (an empty directory renamed
+                # by another program looks like one removed and another created), so the folder stays.
+                log.info("bridge %s: folder directory %s was gone but mail for it arrived; it is back",
+                         self.mailbox.name, folder_dir)
+                continue
             folder_id = self.state.folders[folder_dir]
             folder = live.get(folder_id)
             if folder is not None and folder.role is None:
@@ -863,7 +869,9 @@ class MaildirBridge:
              "sha256": p.sha256} for p in planned])
         self._step("journal before delivery")
         for folder_dir in {p.final.folder_dir for p in planned}:
-            (self.root / folder_dir / "tmp").mkdir(parents=True, exist_ok=True)
+            # All three: another program may have removed or renamed the directory since the last pass.
+            for sub in ("tmp", "new", "cur"):
+                (self.root / folder_dir / sub).mkdir(parents=True, exist_ok=True)
         # fsync waits on the disk, not the CPU: several in flight let the file system commit them together, and
         # a running peer goes on receiving while they are written (see finish_deliveries). A task per stream of
         # files rather than per file: a future and a thread hand-off per file cost the event loop's thread more

@@ -336,6 +336,22 @@ def test_file_moved_into_the_directory_of_a_folder_deleted_meanwhile_goes_to_the
     assert not (desk.root / ".Lists").exists()
 
 
+def test_mail_for_a_folder_whose_empty_directory_was_renamed_meanwhile_brings_it_back(desk: Desk) -> None:
+    # Another program renames the folder's empty directory while mail for the folder reaches the replica: the
+    # pass that delivered it failed (no new/ to link into; found by tests/bridges/test_maildir_property.py).
+    make_maildir(desk.root / ".Work")
+    desk.full()
+    (desk.root / ".Work").rename(desk.root / ".Later")
+    message_id = desk.box.add(make_raw("for work"), folder="Work").message_id
+    desk.full()
+    assert desk.box.folder(desk.box.message(message_id).folder_id).path == "Work"
+    assert desk.files() == {message_id: [(".Work", "")]}
+    assert {"Work", "Later"} <= {folder.path for folder in desk.box.folders()}
+    desk.full()
+    assert desk.files() == {message_id: [(".Work", "")]}
+    assert (desk.root / ".Later" / "cur").is_dir()
+
+
 # ------------------------------------------------------------------------------------------ concurrent edits
 
 
