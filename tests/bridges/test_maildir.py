@@ -601,16 +601,27 @@ def test_a_killed_worker_process_is_started_again_for_the_next_group(desk: Desk)
     desk.bridge.close()
 
 
-def test_a_group_the_worker_could_not_rename_is_finished_by_recovery(desk: Desk) -> None:
+def test_a_group_the_worker_could_not_rename_is_finished_by_recovery(
+    desk: Desk, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import crdtmail.bridges.maildir as bridge_module
 
-    (desk.root / "new").rmdir()  # renames into new/ fail in the worker, after the files are durable in tmp/
+    original_submit = bridge_module.WriteWorker.submit
+
+    def submit(worker: Any, *args: Any) -> Any:
+        # Another program removes new/ while the worker writes: its renames into new/ fail after the files are
+        # durable in tmp/.
+        (desk.root / "new").rmdir()
+        return original_submit(worker, *args)
+
+    monkeypatch.setattr(bridge_module.WriteWorker, "submit", submit)
     raws = [make_raw(f"unplaced {n}") for n in range(bridge_module._WORKER_WRITES_MIN)]
     ids = [desk.box.add(raw).message_id for raw in raws]
     with pytest.raises(OSError, match="No such file"):
         desk.quick()
     assert sorted(p.read_bytes() for p in (desk.root / "tmp").iterdir()) == sorted(raws)
     assert len(desk.bridge.state.open_journal()) == len(raws)  # nothing recorded as delivered
+    monkeypatch.setattr(bridge_module.WriteWorker, "submit", original_submit)
     desk.full()
     files = desk.files()
     assert sorted(files) == sorted(ids) and all(len(places) == 1 for places in files.values())
