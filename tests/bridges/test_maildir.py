@@ -13,6 +13,7 @@ import pytest
 from crdtmail.bridges.layout import MaildirFile, split_name
 from crdtmail.bridges.maildir import EXPUNGED_AREA, MaildirBridge
 from crdtmail.bridges.state import BridgeState, FileRecord
+from crdtmail.bridges.write_worker import WriteWorker
 from crdtmail.model.flags import FLAGGED, SEEN
 from crdtmail.model.mailbox import INBOX, Mailbox
 from crdtmail.model.message import parse_message
@@ -606,7 +607,7 @@ def test_a_group_the_worker_could_not_rename_is_finished_by_recovery(
 ) -> None:
     import crdtmail.bridges.maildir as bridge_module
 
-    original_submit = bridge_module.WriteWorker.submit
+    original_submit = WriteWorker.submit
 
     def submit(worker: Any, *args: Any) -> Any:
         # Another program removes new/ while the worker writes: its renames into new/ fail after the files are
@@ -614,14 +615,14 @@ def test_a_group_the_worker_could_not_rename_is_finished_by_recovery(
         (desk.root / "new").rmdir()
         return original_submit(worker, *args)
 
-    monkeypatch.setattr(bridge_module.WriteWorker, "submit", submit)
+    monkeypatch.setattr(WriteWorker, "submit", submit)
     raws = [make_raw(f"unplaced {n}") for n in range(bridge_module._WORKER_WRITES_MIN)]
     ids = [desk.box.add(raw).message_id for raw in raws]
     with pytest.raises(OSError, match="No such file"):
         desk.quick()
     assert sorted(p.read_bytes() for p in (desk.root / "tmp").iterdir()) == sorted(raws)
     assert len(desk.bridge.state.open_journal()) == len(raws)  # nothing recorded as delivered
-    monkeypatch.setattr(bridge_module.WriteWorker, "submit", original_submit)
+    monkeypatch.setattr(WriteWorker, "submit", original_submit)
     desk.full()
     files = desk.files()
     assert sorted(files) == sorted(ids) and all(len(places) == 1 for places in files.values())

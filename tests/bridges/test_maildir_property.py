@@ -14,6 +14,7 @@ After every link is healed, the contract of DESIGN.md must hold on disk, not onl
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,12 @@ from crdtmail.replica import Replica
 from tests.bridges.test_maildir import Desk, exchange, make_maildir
 from tests.conftest import make_raw
 
-FLAG_LETTERS = "FRS"  # letters another program may toggle: \Flagged, \Answered, \Seen
+FLAG_LETTERS = "FRSa"  # letters another program may toggle: \Flagged, \Answered, \Seen, a Dovecot keyword
 REPLICA_FLAGS = (SEEN, FLAGGED, ANSWERED)
 
 KINDS = (
     "deliver", "deliver_copy", "rename_flags", "move_file", "unlink",  # other programs, in the Maildir
-    "make_dir", "rename_dir",
+    "make_dir", "rename_dir", "remove_dir",
     "set_flags", "move", "expunge", "import",  # the user, through a replica
     "create_folder", "rename_folder", "delete_folder",
     "full_pass", "quick_pass", "sync", "restart",  # the bridge and the peers
@@ -148,6 +149,25 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
             return
         world.counter += 1
         (desk.root / source).rename(desk.root / f".Dir{world.counter}")
+    elif kind == "remove_dir":
+        # `rm -r` of a folder directory whose every file the bridge has seen, each the only file of its message:
+        # its messages are expunged, and its folder deleted.
+        files = _files(desk)
+        per_message: dict[str | None, int] = {}
+        for _, recorded in files:
+            per_message[recorded] = per_message.get(recorded, 0) + 1
+        removable = [d for d in desk.bridge.folder_dirs() if d.startswith((".Dir", ".Folder", ".Work", ".Renamed"))
+                     and all(recorded is not None and per_message[recorded] == 1
+                             for file, recorded in files if file.folder_dir == d)]
+        doomed = _pick(removable, selector)
+        if doomed is None:
+            return
+        for file, recorded in files:
+            if file.folder_dir == doomed:
+                assert recorded is not None
+                world.removed[which].add(split_name(file.name)[0])
+                world.expunged.add(recorded)
+        shutil.rmtree(desk.root / doomed)
     elif kind in ("create_folder", "rename_folder", "delete_folder"):
         world.counter += 1
         if kind == "create_folder":
