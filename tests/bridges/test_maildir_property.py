@@ -171,7 +171,9 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
     elif kind in ("create_folder", "rename_folder", "delete_folder"):
         world.counter += 1
         if kind == "create_folder":
-            desk.box.create_folder(f"Folder{world.counter}")
+            # A third of them inside a folder of the user's: "Work/Folder7" is the directory ".Work.Folder7".
+            parent = _pick([f for f in desk.box.folders() if f.role is None], selector) if selector % 3 == 0 else None
+            desk.box.create_folder(f"{parent.path}/Folder{world.counter}" if parent else f"Folder{world.counter}")
             return
         folder = _pick([f for f in desk.box.folders() if f.role is None], selector)
         if folder is None:
