@@ -1,6 +1,7 @@
 """Property test of the Maildir mirror: two desktops, each a real Maildir with its bridge and replica, take random
-changes on both sides of both bridges (mail delivered, files renamed, moved and removed by "other programs";
-flags, moves and expunges in the replicas), with bridge passes and replica syncs at random points in between.
+changes on both sides of both bridges, with bridge passes, replica syncs and restarts at random points in between:
+mail delivered, copied, renamed, moved and removed, and folder directories made, renamed and removed, by "other
+programs"; flags, moves, expunges, imports and folders created, renamed and deleted in the replicas.
 
 After every link is healed, the contract of DESIGN.md must hold on disk, not only in the replicas:
 - both replicas list the same messages with the same folders and flags (convergence);
