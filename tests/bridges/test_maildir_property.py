@@ -55,6 +55,9 @@ class World:
     # per desk: the unique part of each file name a program delivered there -> its message id
     delivered: list[dict[str, str]] = field(default_factory=lambda: [{}, {}])
     removed: list[set[str]] = field(default_factory=lambda: [set(), set()])  # per desk: unique parts it removed
+    # per desk: what a file-system watcher would have reported since the last pass (paths; folders changed)
+    events: list[list[str]] = field(default_factory=lambda: [[], []])
+    folder_events: list[bool] = field(default_factory=lambda: [False, False])
     counter: int = 0
 
 
@@ -87,7 +90,7 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
         sub = "new" if selector // 2 % 2 else "cur"
         unique = f"{world.counter}.d{which}.prop"
         name = unique + ("" if sub == "new" else ":2," + "S" * (selector // 4 % 2))
-        desk.deliver(raw, folder_dir=folder_dir, sub=sub, name=name)
+        world.events[which].append(str(desk.deliver(raw, folder_dir=folder_dir, sub=sub, name=name)))
         world.delivered[which][unique] = message_id
     elif kind == "import":
         # Mail that reaches the replica first (`crdtmail import`, or a peer without a Maildir): the bridge
@@ -107,8 +110,9 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
             return
         world.counter += 1
         unique = f"{world.counter}.c{which}.prop"
-        desk.deliver(world.raws[candidate], folder_dir=_pick(desk.bridge.folder_dirs(), selector) or "", sub="cur",
-                     name=unique + ":2,")
+        world.events[which].append(str(desk.deliver(
+            world.raws[candidate], folder_dir=_pick(desk.bridge.folder_dirs(), selector) or "", sub="cur",
+            name=unique + ":2,")))
         world.delivered[which][unique] = candidate
     elif kind in ("rename_flags", "move_file", "unlink"):
         files = _files(desk)
@@ -126,6 +130,7 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
         path = desk.bridge.path(file)
         if kind == "unlink":
             path.unlink()
+            world.events[which].append(str(path))
             world.removed[which].add(split_name(file.name)[0])
             assert recorded is not None
             world.expunged.add(recorded)
@@ -134,15 +139,20 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
             letters = set(info or "")
             letters ^= {FLAG_LETTERS[selector // 2 % len(FLAG_LETTERS)]}
             target_dir = path.parent.parent / "cur"
-            path.rename(target_dir / f"{unique}:2,{''.join(sorted(letters))}")
+            new_path = target_dir / f"{unique}:2,{''.join(sorted(letters))}"
+            path.rename(new_path)
+            world.events[which] += [str(path), str(new_path)]
         else:
             target = _pick([d for d in desk.bridge.folder_dirs() if d != file.folder_dir], selector)
             if target is None:
                 return
-            path.rename(make_maildir(desk.root / target) / file.sub / file.name)
+            new_path = make_maildir(desk.root / target) / file.sub / file.name
+            path.rename(new_path)
+            world.events[which] += [str(path), str(new_path)]
     elif kind == "make_dir":
         world.counter += 1
         make_maildir(desk.root / f".Dir{world.counter}")
+        world.folder_events[which] = True
     elif kind == "rename_dir":
         user_dirs = [d for d in desk.bridge.folder_dirs() if d.startswith((".Dir", ".Folder", ".Work", ".Renamed"))]
         source = _pick(user_dirs, selector)
@@ -150,6 +160,7 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
             return
         world.counter += 1
         (desk.root / source).rename(desk.root / f".Dir{world.counter}")
+        world.folder_events[which] = True
     elif kind == "remove_dir":
         # `rm -r` of a folder directory whose every file the bridge has seen, each the only file of its message:
         # its messages are expunged, and its folder deleted.
@@ -169,6 +180,7 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
                 world.removed[which].add(split_name(file.name)[0])
                 world.expunged.add(recorded)
         shutil.rmtree(desk.root / doomed)
+        world.folder_events[which] = True
     elif kind in ("create_folder", "rename_folder", "delete_folder"):
         world.counter += 1
         if kind == "create_folder":
@@ -203,10 +215,16 @@ def _apply(world: World, kind: str, which: int, selector: int) -> None:
             world.expunged.add(row.message_id)
     elif kind == "full_pass":
         desk.full()
+        world.events[which], world.folder_events[which] = [], False
     elif kind == "quick_pass":
-        desk.quick()
+        # As a running peer does it: the paths its watcher reported, and a full pass when the bridge asks for one.
+        _, needs_full = desk.bridge.quick_pass(world.events[which], folders_changed=world.folder_events[which])
+        world.events[which], world.folder_events[which] = [], False
+        if needs_full:
+            desk.full()
     elif kind == "restart":
         world.desks[which] = _restarted(desk)
+        world.events[which], world.folder_events[which] = [], False  # the watcher's queue went with the process
     else:
         _sync(world)
 
