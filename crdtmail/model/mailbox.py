@@ -778,8 +778,12 @@ class Mailbox:
         return role
 
     def _effective_folder(self, folder_id: str) -> str:
-        value = self._folders.get(folder_id)
-        if isinstance(value, dict) and not value.get("deleted"):
+        # From the folder cache, not the index map: a pycrdt read is 4.6 us, and this runs per message of
+        # ``all_messages`` and per new file of a Maildir mirror.
+        if self._folder_cache is None:
+            self.folders()
+        assert self._folder_cache is not None
+        if any(folder.id == folder_id for folder in self._folder_cache[1]):
             return folder_id
         # A message placed in a deleted or unknown folder (a concurrent delete) is shown in the trash, not lost.
         return self.role_folder(TRASH)
