@@ -3,7 +3,7 @@
 An initial sync handles megabyte shards one after another: the frame, its payload, Yrs' decoding of it and the
 SQLite row each take megabytes and give them back. With glibc's defaults a block that large is a fresh ``mmap``
 (or the top of the heap is handed back to the system as soon as it is free), so every shard pays again for
-the page faults of memory the one before it just released. While ``large_allocations`` is held, big blocks come
+the page faults of memory the one before it just released. While a ``Hold`` is held, big blocks come
 from the heap and freed memory stays there for the next shard; when the last ``Hold`` lets go, the thresholds
 come down to settled values (see SETTLED_TRIM_THRESHOLD) and, if large blocks were taken meanwhile
 (``note_large``), what is free is returned to the system (``malloc_trim``).
@@ -24,8 +24,6 @@ import ctypes.util
 import errno
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +77,12 @@ LARGE_BYTES = 1024 * 1024
 
 
 def supported() -> bool:
-    """Whether this process's allocator is glibc's, the one ``large_allocations`` tunes."""
+    """Whether this process's allocator is glibc's, the one a ``Hold`` tunes."""
     return _glibc is not None
 
 
 def holders() -> int:
-    """How many holds (``Hold``, ``large_allocations``) are held right now."""
+    """How many ``Hold``s are held right now."""
     return _holders
 
 
@@ -100,9 +98,9 @@ def note_large(size: int) -> None:
 class Hold:
     """One holder of the "large allocations" mode (see the module), from its creation until ``release``.
 
-    Holds may overlap and nest; the last one released settles the thresholds and, if a large block was taken
-    meanwhile (``note_large``, or ``large=True`` here), returns free memory to the system. Releasing twice is
-    harmless, so a hold can be let go both when its work ends and by a timer.
+    Holds may overlap and nest (``with Hold():`` holds for a block); the last one released settles the thresholds
+    and, if a large block was taken meanwhile (``note_large``, or ``large=True`` here), returns free memory to the
+    system. Releasing twice is harmless, so a hold can be let go both when its work ends and by a timer.
     """
 
     __slots__ = ("_held",)
@@ -116,6 +114,12 @@ class Hold:
                 _glibc.mallopt(_M_MMAP_THRESHOLD, HELD_MMAP_THRESHOLD)
                 _glibc.mallopt(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD)
         self._held = True
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def release(self) -> None:
         """Let go (once; later calls do nothing)."""
@@ -171,12 +175,3 @@ def _populate(start: int, length: int) -> None:
         _populate_supported = False
         log.debug("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): no faulting in ahead")
 
-
-@contextmanager
-def large_allocations() -> Iterator[None]:
-    """A ``Hold`` for the length of a block."""
-    hold = Hold()
-    try:
-        yield
-    finally:
-        hold.release()

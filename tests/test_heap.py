@@ -18,9 +18,9 @@ def rss_mb() -> float:
 
 def test_holds_overlap_and_nest() -> None:
     first, second = contextlib.ExitStack(), contextlib.ExitStack()
-    first.enter_context(heap.large_allocations())
-    second.enter_context(heap.large_allocations())
-    with heap.large_allocations():
+    first.enter_context(heap.Hold())
+    second.enter_context(heap.Hold())
+    with heap.Hold():
         assert heap.holders() == 3
     first.close()  # not the last one taken: they need not end in order
     assert heap.holders() == 1
@@ -43,7 +43,7 @@ def churn(megabytes: int) -> None:
 @pytest.mark.parametrize("large", [True, False])
 def test_freed_memory_stays_while_held_and_goes_back_after_large_blocks(large: bool) -> None:
     before = rss_mb()
-    with heap.large_allocations():
+    with heap.Hold():
         churn(96)
         held = rss_mb()
         if large:
@@ -55,7 +55,7 @@ def test_freed_memory_stays_while_held_and_goes_back_after_large_blocks(large: b
     else:
         assert after - before > 64  # no large block noted: no trim (it walks the whole heap)
         heap.note_large(heap.LARGE_BYTES)
-        with heap.large_allocations():
+        with heap.Hold():
             pass
         assert rss_mb() - before < 32
 
@@ -64,7 +64,7 @@ def test_freed_memory_stays_while_held_and_goes_back_after_large_blocks(large: b
 def test_prefault_makes_the_heap_resident_ahead_and_a_trim_gives_it_back() -> None:
     before = rss_mb()
     assert heap.prefault(64 * 2**20) is None  # no hold: the memory would go straight back
-    with heap.large_allocations():
+    with heap.Hold():
         thread = heap.prefault(64 * 2**20)  # more than PREFAULT_MAX_BYTES: that much
         if thread is None:
             pytest.skip("a prefault of this process is still running")
