@@ -31,10 +31,11 @@ def make_maildir(path: Path) -> Path:
 class Desk:
     """A desktop for tests: a Maildir, a replica and the bridge between them."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, existing: bool = False) -> None:
+        """A new desktop in ``base``; with ``existing``, the one already there, started again."""
         self.root = make_maildir(base / "Maildir")
-        self.replica = Replica.init(base / "data")
-        self.box: Mailbox = self.replica.mailbox("default", create=True)
+        self.replica = Replica.open(base / "data") if existing else Replica.init(base / "data")
+        self.box: Mailbox = self.replica.mailbox("default", create=not existing)
         blobs = self.replica.store.backend("")
         self.bridge = MaildirBridge(self.box, self.root, self.replica.store, blob=blobs.get_blob,
                                     drop_blobs=self.replica.store.delete_blobs)

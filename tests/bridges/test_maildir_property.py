@@ -25,11 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdtmail.bridges.layout import MaildirFile, folder_dir_for_path, letters_for_flags, split_name
-from crdtmail.bridges.maildir import EXPUNGED_AREA, MaildirBridge
+from crdtmail.bridges.maildir import EXPUNGED_AREA
 from crdtmail.errors import FolderNotEmptyError
 from crdtmail.model.flags import ANSWERED, FLAGGED, SEEN
 from crdtmail.model.message import parse_message
-from crdtmail.replica import Replica
 from tests.bridges.test_maildir import Desk, exchange, make_maildir
 from tests.conftest import make_raw
 
@@ -233,14 +232,7 @@ def _restarted(desk: Desk) -> Desk:
     """The desktop peer stopped and started again: what it knows comes back from its store and its Maildir."""
     desk.bridge.close()
     desk.replica.close()
-    again = Desk.__new__(Desk)
-    again.root = desk.root
-    again.replica = Replica.open(desk.root.parent / "data")
-    again.box = again.replica.mailbox("default")
-    blobs = again.replica.store.backend("")
-    again.bridge = MaildirBridge(again.box, again.root, again.replica.store, blob=blobs.get_blob,
-                                 drop_blobs=again.replica.store.delete_blobs)
-    return again
+    return Desk(desk.root.parent, existing=True)
 
 
 def _sync(world: World) -> None:
