@@ -19,6 +19,7 @@ about 43 MB (11,000 pages, 25-30 ms of the 0.1 s) while Yrs decoded them and SQL
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import ctypes.util
 import errno
@@ -65,13 +66,14 @@ _glibc = _load_glibc()
 _lock = threading.Lock()
 _holders = 0
 _large_since_held = False
-_prefaulting: threading.Thread | None = None
+_prefaulting: threading.Event | None = None  # set once the running prefault is done
 _populate_supported = True  # until the kernel says it does not know MADV_POPULATE_WRITE
 # madvise advice (Linux 5.14 and later): fault the range in as writable, leaving its contents as they are.
 _MADV_POPULATE_WRITE = 23
 _PAGE = 4096
 # The most one ``prefault`` makes resident: about what a fresh peer's biggest month shards fault in.
 PREFAULT_MAX_BYTES = 48 * 1024 * 1024
+PREFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 # From this size on a block counts as large (see ``note_large``).
 LARGE_BYTES = 1024 * 1024
 
@@ -139,10 +141,11 @@ class Hold:
             _large_since_held = False
 
 
-def prefault(size: int) -> threading.Thread | None:
+def prefault(size: int) -> threading.Event | None:
     """Make the next ``size`` bytes (at most PREFAULT_MAX_BYTES) of the heap resident, on a helper thread, while
-    this thread goes on; returns that thread, or None when there is nothing to do: no hold is held (the memory
-    would go straight back to the system), a prefault is still running, or the allocator is not glibc's.
+    this thread goes on; returns an event set once that thread is done, or None when there is nothing to do: no
+    hold is held (the memory would go straight back to the system), a prefault is still running, or the
+    allocator is not glibc's.
 
     A block of ``size`` is taken from the heap and given back at once, which leaves the heap that much larger
     (a hold keeps it), and the thread faults its pages in with ``MADV_POPULATE_WRITE``, which changes no byte of
@@ -152,7 +155,7 @@ def prefault(size: int) -> threading.Thread | None:
     size = min(size, PREFAULT_MAX_BYTES)
     with _lock:
         if (_glibc is None or not _populate_supported or not _holders or size < _PAGE
-                or (_prefaulting is not None and _prefaulting.is_alive())):
+                or (_prefaulting is not None and not _prefaulting.is_set())):
             return None
         block = _glibc.malloc(size)
         if not block:
@@ -160,18 +163,33 @@ def prefault(size: int) -> threading.Thread | None:
         _glibc.free(block)
         start = (block + _PAGE - 1) & ~(_PAGE - 1)
         length = (size - (start - block)) & ~(_PAGE - 1)
-        thread = threading.Thread(target=_populate, args=(start, length), name="crdtmail-prefault", daemon=True)
-        thread.start()
-        _prefaulting = thread
-        return thread
+        done = threading.Event()
+        # Not threading.Thread: its start() waits until the new thread runs, and on a first sync the other cores
+        # are busy (the serving peer sends its first shard right then): 2-8 ms of this thread's time, measured.
+        _thread.start_new_thread(_populate, (start, length, done))
+        _prefaulting = done
+        return done
 
 
-def _populate(start: int, length: int) -> None:
+def _populate(start: int, length: int, done: threading.Event) -> None:
+    try:
+        _populate_range(start, length)
+    finally:
+        done.set()
+
+
+def _populate_range(start: int, length: int) -> None:
     global _populate_supported
     assert _glibc is not None
-    # ctypes lets go of the GIL for the call, so the faults are taken on another core. A range the heap gave back
-    # meanwhile (a hold ended and trimmed it) fails with ENOMEM, and is no loss.
-    if _glibc.madvise(start, length, _MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
-        _populate_supported = False
-        log.debug("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): no faulting in ahead")
+    # ctypes lets go of the GIL for each call, so the faults are taken on another core. In chunks: the kernel
+    # holds the process's mmap lock through one call, and the main thread, which needs it to map memory (a new
+    # arena of Python's allocator, a thread's stack), would wait for the whole range (25 ms for 48 MB here).
+    # A range the heap gave back meanwhile (a hold ended and trimmed it) fails with ENOMEM, and is no loss.
+    for offset in range(0, length, PREFAULT_CHUNK_BYTES):
+        size = min(PREFAULT_CHUNK_BYTES, length - offset)
+        if _glibc.madvise(start + offset, size, _MADV_POPULATE_WRITE) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                _populate_supported = False
+                log.debug("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): no faulting in ahead")
+            return
 

@@ -65,11 +65,11 @@ def test_prefault_makes_the_heap_resident_ahead_and_a_trim_gives_it_back() -> No
     before = rss_mb()
     assert heap.prefault(64 * 2**20) is None  # no hold: the memory would go straight back
     with heap.Hold():
-        thread = heap.prefault(64 * 2**20)  # more than PREFAULT_MAX_BYTES: that much
-        if thread is None:
+        done = heap.prefault(64 * 2**20)  # more than PREFAULT_MAX_BYTES: that much
+        if done is None:
             pytest.skip("a prefault of this process is still running")
         assert heap.prefault(8 * 2**20) is None  # one at a time
-        thread.join(10)
+        assert done.wait(10)
         if not heap._populate_supported:
             pytest.skip("this kernel has no MADV_POPULATE_WRITE")
         grown = rss_mb() - before
