@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl as ssl_module
 import time
 from collections import deque
@@ -57,6 +58,12 @@ class TransportLimits:
     # a peer answering a first sync loads its next shard only then, so it holds about two in memory rather than
     # all of them, and the next is already on its way when the one before is read.
     write_ahead_bytes: int = 8 * 1024 * 1024
+    # The kernel's send and receive buffers of a link's socket (None: Linux's autotuning from 16 and 128 KB). A
+    # new connection's autotuned buffers take a first shard's megabytes a few hundred KB at a time, so most of it
+    # waits in this process, and is not written while the serving peer loads the next shard (the phone-window
+    # first sync of the 100k bench mailbox had its first shard 5-6 ms later). The kernel caps it at
+    # net.core.[rw]mem_max.
+    socket_buffer_bytes: int | None = 4 * 1024 * 1024
     open_timeout: float = 10.0
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
@@ -176,6 +183,18 @@ class _LinkClientConnection(_LinkConnection, ClientConnection):
     """The dialing side of a link."""
 
 
+def _size_socket_buffers(transport: asyncio.BaseTransport | None, size: int) -> None:
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError as exc:  # a platform that refuses it keeps its own sizes: slower, not wrong
+            log.debug("could not size the socket buffers of a link: %s", exc)
+            return
+
+
 class Link:
     """One open WebSocket carrying binary frames, with a bounded outgoing queue."""
 
@@ -194,6 +213,8 @@ class Link:
         self._writing = False  # the writer task is inside websocket.send
         self._writer = asyncio.create_task(self._write_loop(), name=f"crdtmail-link-writer {self.name}")
         self._inbox = websocket.inbox
+        if limits.socket_buffer_bytes:
+            _size_socket_buffers(websocket.transport, limits.socket_buffer_bytes)
         self._when_writable: list[Callable[[], None]] = []
         websocket.on_writable = self._writable_again
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -194,7 +195,9 @@ def test_a_frame_goes_to_the_socket_at_once_and_order_holds_when_the_socket_is_f
         await link.close()
 
     async def main() -> None:
-        server = await serve_links(sender, authenticate=authenticate)
+        # The kernel's autotuned buffers: sized ones (8 MB) would take all 16 MB before anything had to queue.
+        server = await serve_links(sender, authenticate=authenticate,
+                                   limits=TransportLimits(socket_buffer_bytes=None))
         try:
             async with connect(f"ws://127.0.0.1:{port_of(server)}/sync",
                                additional_headers={"Authorization": f"Bearer {TOKEN}"},
@@ -478,3 +481,47 @@ def test_frames_nobody_takes_stop_the_reading_instead_of_growing_memory() -> Non
     asyncio.run(main())
     assert [int.from_bytes(frame[:4], "big") for frame in seen["frames"]] == list(range(frame_count))
     assert 4 <= seen["max_waiting"] <= 4 + 256 * 1024 // frame_size + 1
+
+
+@pytest.mark.timeout(30)
+def test_both_ends_size_their_socket_buffers_unless_told_to_leave_them_to_the_kernel() -> None:
+    """A first shard of megabytes then fits in the kernel's buffers instead of waiting in the serving process,
+    which would not write it while it loads the next one."""
+
+    def buffers(link: Link) -> tuple[int, int]:
+        sock = link.websocket.transport.get_extra_info("socket")
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+    async def sizes(limits: TransportLimits) -> dict[str, tuple[int, int]]:
+        found: dict[str, tuple[int, int]] = {}
+        done = asyncio.Event()
+
+        async def on_server_link(link: Link) -> None:
+            found["listener"] = buffers(link)
+            await link.wait_closed()
+
+        async def client(link: Link) -> None:
+            found["dialer"] = buffers(link)
+            done.set()
+
+        server = await serve_links(on_server_link, authenticate=authenticate, limits=limits)
+        try:
+            dialer = Dialer(f"ws://127.0.0.1:{port_of(server)}/sync", TOKEN, client, limits=limits)
+            task = asyncio.create_task(dialer.run())
+            await asyncio.wait_for(done.wait(), 10)
+            dialer.stop()
+            await asyncio.wait_for(task, 10)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return found
+
+    sized = asyncio.run(sizes(TransportLimits(socket_buffer_bytes=1024 * 1024)))
+    kernel = asyncio.run(sizes(TransportLimits(socket_buffer_bytes=None)))
+    with open("/proc/sys/net/core/rmem_max") as rmem, open("/proc/sys/net/core/wmem_max") as wmem:
+        expected = min(1024 * 1024, int(rmem.read()), int(wmem.read()))
+    for end in ("listener", "dialer"):
+        send, receive = sized[end]
+        assert send >= expected and receive >= expected, (end, sized[end], expected)  # Linux reports it doubled
+        assert kernel[end][1] < receive, (end, kernel[end], sized[end])
