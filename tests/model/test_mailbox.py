@@ -20,7 +20,7 @@ from crdtmail.errors import (
 )
 from crdtmail.model.backend import CommitBatch, DocumentUpdate, MailboxBackend
 from crdtmail.model.causal import decode_state_vector
-from crdtmail.model.mailbox import INBOX, LOCAL, TRASH, Mailbox, MailboxChange
+from crdtmail.model.mailbox import INBOX, INDEX_DOC, LOCAL, TRASH, Mailbox, MailboxChange
 from crdtmail.storage.memory import MemoryBackend
 from crdtmail.storage.sqlite import SqliteStore
 from tests.conftest import make_raw
@@ -199,6 +199,24 @@ def test_folders_create_rename_delete(mailbox: Mailbox) -> None:
 def test_same_folder_created_on_two_replicas_is_one_folder() -> None:
     a, b = Mailbox("m", MemoryBackend()), Mailbox("m", MemoryBackend())
     assert a.create_folder("Receipts").id == b.create_folder("Receipts").id
+
+
+def test_a_new_device_joining_keeps_what_was_done_to_the_standard_folders() -> None:
+    """A new replica writes nothing for the standard folders: its writes would be concurrent with a rename or
+    delete made before it joined, and Yrs settles those by client id, which undid them about one time in two.
+    Twenty devices (new client ids each) join a mailbox whose Sent was renamed and Junk deleted."""
+    for _ in range(20):
+        desktop = Mailbox("m", MemoryBackend())
+        desktop.rename_folder("Sent", "Sent Items")
+        desktop.delete_folder("Junk")
+        phone = Mailbox("m", MemoryBackend())
+        theirs, ours = desktop.encode_document(INDEX_DOC), phone.encode_document(INDEX_DOC)
+        phone.apply_update(INDEX_DOC, theirs, origin="desktop")
+        desktop.apply_update(INDEX_DOC, ours, origin="phone")
+        for replica in (desktop, phone):
+            paths = {folder.role: folder.path for folder in replica.folders()}
+            assert paths["sent"] == "Sent Items" and "junk" not in paths, paths
+            assert sorted(paths) == ["archive", "drafts", "inbox", "sent", "trash"]
 
 
 def test_listing_is_newest_first_and_paged(mailbox: Mailbox) -> None:
