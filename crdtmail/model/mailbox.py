@@ -3,7 +3,8 @@
 Documents (DESIGN.md, "Data model"):
 
 - ``index``: root maps ``meta`` (schema version, mailbox name) and ``folders`` (folder id -> plain dict
-  ``{"name", "parent", "role", "deleted"}``).
+  ``{"name", "parent", "role", "deleted"}``). The standard folders (ids ``inbox``, ``sent``, ...) are there
+  without an entry until one of them is changed.
 - one shard per month (``"2026-11"``, or ``"undated"``): root maps ``messages`` (id -> envelope, a JSON string:
   see ``Envelope.to_crdt``; the first stores held objects, still read),
   ``placement`` (id -> folder id), ``flags`` (``"<id>/<flag>"`` -> bool) and ``expunged`` (id -> True, the
