@@ -1,10 +1,11 @@
 """Property test of the whole sync stack in one process: 3-5 peers, each a Mailbox on the in-memory backend,
 joined by sans-I/O protocol connections over in-memory channels.
 
-Links go up and down at random (a link going down loses every frame in flight); peers make random mail
-changes all along; changes are relayed peer to peer, so the same update reaches a peer several times and in
-different orders over different paths. After every link comes back up and the network goes quiet, every
-replica must be identical and the contract of DESIGN.md must hold.
+Links go up and down at random (a link going down loses every frame in flight); peers make random mail and
+folder changes all along, and one of them is a device that joins late, from an empty replica. Changes are
+relayed peer to peer, so the same update reaches a peer several times and in different orders over different
+paths. After every link comes back up and the network goes quiet, every replica must be identical and the
+contract of DESIGN.md must hold.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ POOL = [
 IDS = [parse_message(raw).message_id for raw in POOL]
 FOLDERS = ["INBOX", "Archive", "Trash", "Work"]
 FLAGS = ["\\Seen", "\\Flagged", "$Label"]
+RENAMED = ["archive", "sent"]  # standard folders the ops rename
+DELETED = "junk"  # and the one they delete
 
 
 @dataclass(eq=False)
@@ -124,25 +127,45 @@ class Link:
 
 
 def run(peers: int, ops: list[tuple[str, int, int, int]], seed: int, directory: Path | None = None) -> None:
-    """``directory``: each peer keeps its mailbox in a SQLite database there, and ``restart`` ops restart it."""
+    """``directory``: each peer keeps its mailbox in a SQLite database there, and ``restart`` ops restart it.
+
+    The last peer is a device that joins late: it has no replica until a ``join`` op (or the heal) creates an
+    empty one, and until then it takes part in nothing.
+    """
     rng = random.Random(seed)
-    if directory is None:
-        nodes = [Node(i, Mailbox("m", MemoryBackend())) for i in range(peers)]
-        for node in nodes:
-            node.mailbox.observe_updates(node.relay)
-    else:
-        nodes = [Node.durable(i, directory / f"p{i}.sqlite3") for i in range(peers)]
+
+    def new_node(i: int) -> Node:
+        if directory is not None:
+            return Node.durable(i, directory / f"p{i}.sqlite3")
+        node = Node(i, Mailbox("m", MemoryBackend()))
+        node.mailbox.observe_updates(node.relay)
+        return node
+
+    late = peers - 1
+    nodes: list[Node | None] = [new_node(i) for i in range(late)] + [None]
     links: dict[tuple[int, int], Link] = {}
     last_expunge: dict[str, int] = {}
     last_redeliver: dict[str, int] = {}
     ever_added: set[str] = set()
+    folder_changes: dict[str, list[str | None]] = {}  # standard folder id -> its paths set (None: deleted)
 
     def flush_all() -> None:
         for link in links.values():
             link.collect()
 
+    def link(a: int, b: int) -> None:
+        node_a, node_b = nodes[a], nodes[b]
+        if node_a is not None and node_b is not None:
+            links[(a, b)] = Link(node_a, node_b)
+            links[(a, b)].open()
+
     for step, (name, i, j, k) in enumerate(ops):
-        box = nodes[i].mailbox
+        if name == "join" and nodes[late] is None:
+            nodes[late] = new_node(late)
+        node = nodes[i]
+        if node is None:
+            continue
+        box = node.mailbox
         mid = IDS[j % len(IDS)]
         try:
             if name == "add":
@@ -161,27 +184,35 @@ def run(peers: int, ops: list[tuple[str, int, int, int]], seed: int, directory: 
                 last_expunge[mid] = step
             elif name == "mkdir":
                 box.create_folder("Work")
+            elif name == "rename":
+                folder_id = RENAMED[k % len(RENAMED)]
+                path = box.rename_folder(folder_id, f"Renamed {step}").path
+                folder_changes.setdefault(folder_id, []).append(path)
+            elif name == "rmdir":
+                box.delete_folder(DELETED, move_to_trash=True)
+                folder_changes.setdefault(DELETED, []).append(None)
         except (ModelError, ExpungedMessageError):
             pass
         pair = (min(i, j % peers), max(i, j % peers))
         if name == "up" and pair[0] != pair[1] and pair not in links:
-            links[pair] = Link(nodes[pair[0]], nodes[pair[1]])
-            links[pair].open()
+            link(*pair)
         elif name == "down" and pair in links:
             links.pop(pair).cut()
         elif name == "pump" and pair in links:
             links[pair].deliver(k)
-        elif name == "restart" and nodes[i].store is not None:
+        elif name == "restart" and node.store is not None:
             for key in [key for key in links if i in key]:  # its connections ended with its process
                 links.pop(key).cut()
-            nodes[i] = nodes[i].restarted()
+            nodes[i] = node.restarted()
         flush_all()
 
-    # Heal: a chain through every peer plus whatever is up, then pump until nothing moves.
+    # Heal: the late device joins if it has not, a chain through every peer plus whatever is up, then pump until
+    # nothing moves.
+    if nodes[late] is None:
+        nodes[late] = new_node(late)
     for a, b in zip(range(peers), range(1, peers), strict=False):
         if (a, b) not in links:
-            links[(a, b)] = Link(nodes[a], nodes[b])
-            links[(a, b)].open()
+            link(a, b)
     for _ in range(10_000):
         flush_all()
         order = list(links.values())
@@ -196,11 +227,19 @@ def run(peers: int, ops: list[tuple[str, int, int, int]], seed: int, directory: 
         messages = sorted((m.id, m.folder_id, tuple(sorted(m.flags))) for m in box.all_messages())
         return folders, messages, sorted(box.expunged_ids())
 
-    first = snapshot(nodes[0].mailbox)
-    for node in nodes[1:]:
+    joined = [node for node in nodes if node is not None]
+    assert len(joined) == peers
+    first = snapshot(joined[0].mailbox)
+    for node in joined[1:]:
         assert snapshot(node.mailbox) == first, f"peer {node.index} differs from peer 0"
-    for node in nodes:
+    for node in joined:
         assert node.mailbox.held_updates() == 0
+        # A standard folder changed once, by one peer, is as that peer left it: nothing else wrote it, not even
+        # a device that joined later (every new replica once wrote the standard folders, undoing such changes).
+        live = {folder.id: folder.path for folder in node.mailbox.folders()}
+        for folder_id, changes in folder_changes.items():
+            if len(changes) == 1:
+                assert live.get(folder_id) == changes[0], f"{folder_id} is not as its one change left it"
         visible = {m.id for m in node.mailbox.all_messages()}
         for mid in visible:
             if mid in last_expunge:
@@ -209,14 +248,14 @@ def run(peers: int, ops: list[tuple[str, int, int, int]], seed: int, directory: 
         # The listing (derived rows, patched change by change) says what the documents say.
         listed = sorted((row.message_id, row.folder_id, row.flags) for row in node.mailbox.index_rows())
         assert listed == sorted((m.id, m.folder_id, tuple(sorted(m.flags))) for m in node.mailbox.all_messages())
-    for node in nodes:
+    for node in joined:
         if node.store is not None:
             node.store.close()
 
 
 operation = st.tuples(
-    st.sampled_from(["add", "add", "redeliver", "move", "flag", "flag", "expunge", "mkdir", "up", "up", "down",
-                     "pump", "pump", "pump"]),
+    st.sampled_from(["add", "add", "redeliver", "move", "flag", "flag", "expunge", "mkdir", "rename", "rmdir",
+                     "join", "up", "up", "down", "pump", "pump", "pump"]),
     st.integers(0, 4),
     st.integers(0, 7),
     st.integers(0, 12),
@@ -230,8 +269,8 @@ def test_mesh_converges_and_keeps_the_contract(peers: int, ops: list[tuple[str, 
 
 
 durable_operation = st.tuples(
-    st.sampled_from(["add", "add", "redeliver", "move", "flag", "flag", "expunge", "mkdir", "up", "up", "down",
-                     "pump", "pump", "pump", "restart"]),
+    st.sampled_from(["add", "add", "redeliver", "move", "flag", "flag", "expunge", "mkdir", "rename", "rmdir",
+                     "join", "up", "up", "down", "pump", "pump", "pump", "restart"]),
     st.integers(0, 4),
     st.integers(0, 7),
     st.integers(0, 12),
