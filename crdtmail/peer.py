@@ -154,9 +154,6 @@ class _Session:
     # Per mailbox being synced: its hold on the allocator's large-allocations mode (crdtmail.heap), let go at
     # its SyncComplete, when the session ends, or after HEAP_HOLD_SECONDS.
     heap_holds: dict[str, heap.Hold] = field(default_factory=dict)
-    # Per mailbox receiving shards whole (a first sync): its write-behind block (Mailbox.write_behind), left when
-    # the mailbox is in sync, which is then durable, or when the session ends.
-    writing_behind: dict[str, contextlib.ExitStack] = field(default_factory=dict)
 
     async def run(self) -> None:
         self.peer.sessions.add(self)
@@ -170,11 +167,6 @@ class _Session:
                 self.handle_events()
         finally:
             self._release_heap(*self.heap_holds)
-            for name in list(self.writing_behind):
-                try:
-                    self._stop_writing_behind(name)
-                except Exception:  # the link is gone already; what was not written is asked for at the next sync
-                    log.exception("mailbox %s: storing what peer %s sent failed", name, self.link.name)
             self.peer.sessions.discard(self)
             for name in self.syncs:  # a sync cut short may have stored shards too
                 self.peer.index_soon(name)
@@ -240,13 +232,9 @@ class _Session:
                 self.flush()
                 self.link.close_soon(websocket_close_code(event.code), event.reason[:120])
             self._to_syncs(event)
-            if isinstance(event, CatalogReceived) and event.mailbox in self.syncs:
-                if self.syncs[event.mailbox].requested_whole and event.mailbox not in self.writing_behind:
-                    stack = self.writing_behind[event.mailbox] = contextlib.ExitStack()
-                    stack.enter_context(self.peer.mailbox(event.mailbox).write_behind())
-                if event.mailbox in self.heap_holds:
-                    self.flush()  # the step 1s first
-                    self._prefault_for(event)
+            if isinstance(event, CatalogReceived) and event.mailbox in self.heap_holds:
+                self.flush()  # the step 1s first
+                self._prefault_for(event)
 
     def _answer_waiting(self) -> None:
         """Answer the step 1s held back (``handle_events``) while the link takes what is sent."""
@@ -265,20 +253,11 @@ class _Session:
         for sync in list(self.syncs.values()):
             for follow_up in sync.handle(event):
                 if isinstance(follow_up, SyncComplete):
-                    self._stop_writing_behind(follow_up.mailbox)  # in sync means stored
                     self.synced.add(follow_up.mailbox)
                     self.last_sync = time.time()
                     log.info("mailbox %s is in sync with %s", follow_up.mailbox, self.connection.peer_id)
                     missing = self.peer.missing_body_sizes(follow_up.mailbox)
                     self.want_bodies(sorted(missing), sizes={h: n for h, n in missing.items() if n is not None})
-
-    def _stop_writing_behind(self, mailbox: str) -> None:
-        stack = self.writing_behind.pop(mailbox, None)
-        if stack is not None:
-            # Frames that arrived together are applied under one commit (_take_frames): what they brought is
-            # committed now, inside the block, so that "in sync" means stored here too.
-            self.peer.mailbox(mailbox).flush()
-            stack.close()  # waits until every shard is written; raises a write error
 
     def _answer_hello(self, hello: HelloReceived) -> None:
         device = self.device

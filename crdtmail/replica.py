@@ -121,7 +121,7 @@ class Replica:
         """
         box = self.mailbox(mailbox, create=True)
         backend = self._backends[box.name]
-        with _short_switch_interval(), backend.write_behind():
+        with _short_switch_interval(), backend.pipelined():
             report = import_source(box, path, progress=progress)
         backend.fold_logs()
         return report

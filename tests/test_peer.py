@@ -4,9 +4,7 @@ peer, and refusal of mailboxes a device was not paired for."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import sqlite3
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from websockets.asyncio.server import Server
 
 from crdtmail import heap
 from crdtmail import peer as peer_module
-from crdtmail.model.backend import CommitBatch
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.peer import Peer
 from crdtmail.protocol.encoding import decode_state_vector
@@ -446,51 +443,6 @@ def test_a_first_sync_has_the_heap_for_the_shards_it_lacks_faulted_in_ahead(
         server, dialer, task = await phone_dials_desktop(desktop, phone)
         await until(lambda: any(s.synced for s in phone.sessions))
         assert len(asked) == 1  # a resync of what it holds already brings a few changes, not shards
-        await hang_up(dialer, task, phone, server)
-
-    run_closing(main(), desktop_replica, phone_replica)
-
-
-def test_a_first_sync_writes_its_shards_behind_and_is_durable_once_in_sync(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The phone's shards are written to SQLite on the store's writer thread while the next one is decoded; by
-    the time the session says the mailbox is in sync, every one of them is on disk, and writing behind ended."""
-    desktop_replica = Replica.init(tmp_path / "desktop")
-    desk_box = desktop_replica.mailbox("default", create=True)
-    for n, month in enumerate(["Sep", "Oct", "Nov"] * 4):
-        desk_box.add(make_raw(f"month {n}", date=f"02 {month} 2026 10:00:00 +0000"))
-    phone_replica = Replica.init(tmp_path / "phone")
-    written_behind: list[str] = []
-    on_disk_when_in_sync: dict[str, int] = {}
-    to_syncs = peer_module._Session._to_syncs
-
-    def noting(session: Any, event: Any) -> None:
-        synced = set(session.synced)
-        to_syncs(session, event)
-        if session.synced - synced:
-            with contextlib.closing(sqlite3.connect(phone_replica.store.path)) as other:
-                stored = other.execute("SELECT name, snapshot_bytes + log_bytes FROM documents").fetchall()
-                on_disk_when_in_sync.update(stored)
-
-    monkeypatch.setattr(peer_module._Session, "_to_syncs", noting)
-
-    async def main() -> None:
-        desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False)
-        backend = phone.mailbox("default")._backend
-        commit = backend.commit
-
-        def spy(batch: CommitBatch) -> None:
-            if backend._writer is not None:  # type: ignore[attr-defined]
-                written_behind.extend(update.doc_name for update in batch.updates)
-            commit(batch)
-
-        monkeypatch.setattr(backend, "commit", spy)
-        server, dialer, task = await phone_dials_desktop(desktop, phone)
-        await phone.wait_synced("default", timeout=15)
-        assert set(written_behind) >= {"2026-09", "2026-10", "2026-11"}
-        assert {name for name, size in on_disk_when_in_sync.items() if size} >= {"2026-09", "2026-10", "2026-11"}
-        assert backend._writer is None  # type: ignore[attr-defined]
-        assert not any(session.writing_behind for session in phone.sessions)
         await hang_up(dialer, task, phone, server)
 
     run_closing(main(), desktop_replica, phone_replica)

@@ -12,7 +12,6 @@ were computed at, and the Mailbox recomputes a shard whose remembered vector dif
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -111,15 +110,7 @@ class MailboxBackend(Protocol):
         ...
 
     def commit(self, batch: CommitBatch) -> None:
-        """Make the batch durable atomically: after return it survives SIGKILL; on error nothing of it is kept.
-
-        Inside ``write_behind`` it is durable when the block ends instead."""
-        ...
-
-    def write_behind(self) -> AbstractContextManager[None]:
-        """A block inside which ``commit`` may return before its batch is durable (written in order, elsewhere),
-        and reads still see every batch committed; leaving it waits until they are durable and raises the first
-        write error. Blocks may nest. A backend with nothing to overlap just commits as usual."""
+        """Make the batch durable atomically: after return it survives SIGKILL; on error nothing of it is kept."""
         ...
 
     def indexed_state_vectors(self) -> dict[str, bytes]:

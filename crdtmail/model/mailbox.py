@@ -26,7 +26,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,13 +461,6 @@ class Mailbox:
     def flush(self) -> None:
         """Commit what a running batch holds so far (an import calls this every few hundred messages)."""
         self._commit()
-
-    def write_behind(self) -> AbstractContextManager[None]:
-        """A block inside which commits are written to the store while this thread goes on, and durable when it
-        ends (``MailboxBackend.write_behind``): a first sync decodes each shard while the one before is written.
-        Observers hear of a change at its commit as always, before it is durable: anything acting on it outside
-        this process must wait for the block's end."""
-        return self._backend.write_behind()
 
     def _hold_transaction(self, shard: _Shard) -> None:
         if shard.name not in self._held_transactions:

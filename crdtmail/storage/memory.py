@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager
 
 import pycrdt
 
@@ -47,10 +45,6 @@ class MemoryBackend:
     def state_vector(self, doc_name: str) -> bytes | None:
         """The state vector recorded with the document's last update."""
         return self._state_vectors.get(doc_name)
-
-    def write_behind(self) -> AbstractContextManager[None]:
-        """Nothing to overlap in memory: commits inside are complete when they return."""
-        return contextlib.nullcontext()
 
     def commit(self, batch: CommitBatch) -> None:
         """Apply the batch; blobs are verified first so a bad one leaves everything unchanged."""

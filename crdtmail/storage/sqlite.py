@@ -349,8 +349,6 @@ class SqliteMailboxBackend:
         self._connection = store._connection
         self.mailbox = mailbox
         self._writer: _Writer | None = None
-        self._write_behind_depth = 0
-        self._queued_documents: set[str] = set()  # documents in batches the writer may not have written yet
         # Per document this backend loaded: the snapshot size and last log id it read, and how many log rows it
         # wrote since. They tell whether the loader's in-memory document still holds everything stored, so a
         # fold may take its encoding (see _fold_hint); another process writing the same file breaks the match.
@@ -396,11 +394,7 @@ class SqliteMailboxBackend:
 
     def state_vector(self, doc_name: str) -> bytes | None:
         """The state vector stored with the document's last update."""
-        if doc_name in self._queued_documents:
-            # Only a batch holding this document can change its row, and SQLite lets this connection read the
-            # last committed state while the writer writes: a first sync asks this of each shard as it arrives,
-            # and waiting here would stop the writing of one shard from overlapping the decoding of the next.
-            self._settle()
+        self._settle()
         rows = self._store._query(
             "SELECT state_vector FROM documents WHERE mailbox = ? AND name = ?", (self.mailbox, doc_name)
         )
@@ -409,14 +403,13 @@ class SqliteMailboxBackend:
     def commit(self, batch: CommitBatch) -> None:
         """Write the batch in one transaction; blobs are verified first, so a bad one leaves nothing behind.
 
-        Inside ``write_behind()`` the batch is handed to a writer thread instead and is durable when the block ends.
+        Inside ``pipelined()`` the batch is handed to a writer thread instead and is durable when the block ends.
         """
         if batch.is_empty():
             return
         if self._writer is not None:
             # The writer thread must not touch the caller's documents: it folds by merging the log.
             self._writer.submit(dataclasses.replace(batch, encode_document=None))  # verified on the writer thread
-            self._queued_documents.update(update.doc_name for update in batch.updates)
             return
         _verify_blobs(batch)
         folded: dict[str, tuple[int, int]] = {}
@@ -472,31 +465,20 @@ class SqliteMailboxBackend:
         return encoded
 
     @contextmanager
-    def write_behind(self) -> Iterator[None]:
-        """Let commits overlap with the caller's work (a bulk import, the shards of a first sync): SQLite writes
-        on its own thread, in order.
+    def pipelined(self) -> Iterator[None]:
+        """Let commits overlap with the caller's work (bulk imports): SQLite writes on its own thread.
 
-        ``commit`` returns once the batch is queued. Reads first wait until the queued batches are written, so
-        they see them; ``state_vector`` waits only for a document a queued batch holds. Leaving the block waits
-        for the last batch and raises the first write error; nothing committed inside it may be acknowledged to
-        anyone before then. Blocks may nest and overlap (two links syncing the same mailbox): the writer stays
-        until the last one is left, and each exit waits for everything queued so far.
+        ``commit`` returns once the batch is queued; every read first waits until the queued batches are written,
+        so reads see them. Leaving the block waits for the last batch and re-raises the first write error. Nothing
+        committed inside the block may be acknowledged to anyone before the block has ended.
         """
-        if self._writer is None:
-            self._writer = _Writer(self._store, self.mailbox)
-        self._write_behind_depth += 1
+        writer = _Writer(self._store, self.mailbox)
+        self._writer = writer
         try:
             yield
         finally:
-            self._write_behind_depth -= 1
-            writer = self._writer
-            assert writer is not None
-            if self._write_behind_depth == 0:
-                self._writer = None
-                self._queued_documents.clear()
-                writer.close()
-            else:
-                self._settle()
+            self._writer = None
+            writer.close()
 
     def fold_document(self, doc_name: str) -> bytes | None:
         """Fold one document's log (and a schema-1 snapshot, if one is left) into its snapshot, in one
@@ -532,7 +514,6 @@ class SqliteMailboxBackend:
     def _settle(self) -> None:
         if self._writer is not None:
             self._writer.drain()
-            self._queued_documents.clear()
 
     def indexed_state_vectors(self) -> dict[str, bytes]:
         """For each shard with rows, the state vector they were derived at."""
@@ -730,7 +711,7 @@ def insert_many(connection: sqlite3.Connection, head: str, rows: Sequence[tuple[
     ``VALUES ``; the bridge's state uses it too).
 
     Each statement step releases and re-takes the GIL; a writer thread doing that per row waits a switch
-    interval behind the importing thread every time, which made write-behind imports several times slower.
+    interval behind the importing thread every time, which made pipelined imports several times slower.
     """
     width = len(rows[0])
     per_statement = max(1, 900 // width)  # well under SQLite's bound-parameter limit
@@ -905,7 +886,7 @@ class _Checkpointer:
 
 
 class _Writer:
-    """A thread with its own connection that writes queued batches in order (see ``write_behind``)."""
+    """A thread with its own connection that writes queued batches in order (see ``pipelined``)."""
 
     def __init__(self, store: SqliteStore, mailbox: str) -> None:
         self._store = store

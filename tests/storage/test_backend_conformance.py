@@ -115,18 +115,3 @@ def test_stored_blobs_answers_for_many_hashes_at_once(backend: MailboxBackend) -
 def test_an_empty_batch_writes_nothing(backend: MailboxBackend) -> None:
     backend.commit(CommitBatch())
     assert backend.document_names() == [] and list(backend.all_rows()) == []
-
-
-def test_commits_inside_write_behind_blocks_are_read_back_like_any_other(backend: MailboxBackend) -> None:
-    writer = Writer()
-    with backend.write_behind():
-        with backend.write_behind():
-            for n in range(40):
-                backend.commit(CommitBatch(updates=[writer.set(f"k{n}", n)], rows_upsert={f"m{n}": row(f"m{n}")}))
-            assert backend.state_vector("2026-11") == writer.doc.get_state()
-        assert backend.locate("m39") == "2026-11"
-        backend.commit(CommitBatch(rows_upsert={"late": row("late")}))
-    assert len(list(backend.all_rows())) == 41
-    reader: pycrdt.Doc[object] = pycrdt.Doc()
-    reader.apply_update(backend.load_document("2026-11") or b"")
-    assert reader.get("flags", type=pycrdt.Map).to_py() == writer.values.to_py()

@@ -15,7 +15,7 @@ import pycrdt
 import pytest
 
 from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
-from crdtmail.model.backend import CommitBatch, DocumentUpdate, IndexRow
+from crdtmail.model.backend import CommitBatch, IndexRow
 from crdtmail.model.mailbox import Mailbox
 from crdtmail.storage import sqlite as sqlite_module
 from crdtmail.storage.memory import MemoryBackend
@@ -84,11 +84,11 @@ def test_mailboxes_share_a_file_but_not_their_data(tmp_path: Path) -> None:
         assert store.stats("work")["documents"] == 0
 
 
-def test_write_behind_commits_are_visible_to_reads_and_durable_after_the_block(tmp_path: Path) -> None:
+def test_pipelined_commits_are_visible_to_reads_and_durable_after_the_block(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     with SqliteStore.open(path) as store:
         backend = store.backend("m")
-        with backend.write_behind():
+        with backend.pipelined():
             for n in range(50):
                 backend.commit(CommitBatch(rows_upsert={f"id{n}": _row(f"id{n}")}))
             assert backend.locate("id49") == "2026-11"  # a read waits for the queued writes
@@ -96,53 +96,10 @@ def test_write_behind_commits_are_visible_to_reads_and_durable_after_the_block(t
         assert len(list(store.backend("m").all_rows())) == 50
 
 
-def test_write_behind_blocks_nest_and_each_exit_makes_what_was_queued_durable(tmp_path: Path) -> None:
-    """Two links syncing one mailbox each hold a block: the writer stays until the last one ends, and the first
-    to end (its mailbox in sync) has every batch queued so far on disk."""
-    path = tmp_path / "db.sqlite3"
-
-    def on_disk() -> int:
-        with contextlib.closing(sqlite3.connect(path)) as other:
-            return int(other.execute("SELECT count(*) FROM rows").fetchone()[0])
-
-    with SqliteStore.open(path) as store:
-        backend = store.backend("m")
-        outer = backend.write_behind()
-        outer.__enter__()
-        with backend.write_behind():
-            for n in range(20):
-                backend.commit(CommitBatch(rows_upsert={f"id{n}": _row(f"id{n}")}))
-        assert on_disk() == 20
-        assert backend._writer is not None  # the outer block still writes behind
-        backend.commit(CommitBatch(rows_upsert={"late": _row("late")}))
-        outer.__exit__(None, None, None)
-        assert backend._writer is None and on_disk() == 21
-
-
-def test_write_behind_waits_for_a_state_vector_only_where_a_queued_batch_holds_the_document(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A first sync asks each arriving shard's stored state vector (none yet) while the shard before it is being
-    written; waiting for that write there would put it back on the sync's path."""
-    drains: list[int] = []
-    drain = sqlite_module._Writer.drain
-    monkeypatch.setattr(sqlite_module._Writer, "drain", lambda self: drains.append(1) or drain(self))
-    doc = pycrdt.Doc()
-    doc["m"] = pycrdt.Map({"k": "v"})
-    update, vector = doc.get_update(), doc.get_state()
+def test_pipelined_write_errors_surface_on_the_callers_thread(tmp_path: Path) -> None:
     with SqliteStore.open(tmp_path / "db.sqlite3") as store:
         backend = store.backend("m")
-        with backend.write_behind():
-            backend.commit(CommitBatch(updates=[DocumentUpdate("2026-10", update, vector)]))
-            assert backend.state_vector("2026-11") is None
-            assert drains == []
-            assert backend.state_vector("2026-10") == vector
-            assert drains == [1]
-
-
-def test_write_behind_write_errors_surface_on_the_callers_thread(tmp_path: Path) -> None:
-    with SqliteStore.open(tmp_path / "db.sqlite3") as store:
-        backend = store.backend("m")
-        with pytest.raises(BlobIntegrityError), backend.write_behind():
+        with pytest.raises(BlobIntegrityError), backend.pipelined():
             backend.commit(CommitBatch(blobs={"0" * 64: b"not that"}))
             for n in range(5):
                 backend.commit(CommitBatch(rows_upsert={f"id{n}": _row(f"id{n}")}))
@@ -287,7 +244,7 @@ def test_the_wal_is_checkpointed_by_the_background_thread_not_by_commits(tmp_pat
 def test_an_import_writer_leaves_checkpoints_to_the_thread_and_its_wal_starts_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The write-behind writer (an import) commits on a connection of its own: it does not checkpoint inside its
+    """The pipelined writer (an import) commits on a connection of its own: it does not checkpoint inside its
     commits either, and restarts the WAL when the checkpoint thread asks, as the store's connection does."""
 
     def largest_wal(directory: Path) -> float:
@@ -295,7 +252,7 @@ def test_an_import_writer_leaves_checkpoints_to_the_thread_and_its_wal_starts_ov
         largest = 0.0
         with SqliteStore.open(path) as store:
             backend = store.backend("m")
-            with backend.write_behind():
+            with backend.pipelined():
                 for n in range(1500):
                     body = str(n).encode() * 1000
                     backend.commit(CommitBatch(rows_upsert={f"id{n % 300}": _row(f"id{n % 300}")},
