@@ -22,6 +22,7 @@ from crdtmail.model.flags import LETTER_FOR_FLAG, MAILDIR_LETTERS
 
 ROOT_DIR = ""  # the folder directory of INBOX: the Maildir root itself
 SUBDIRS = ("new", "cur")  # listed in this order, so a file a mail client moves from new/ to cur/ is not missed
+FOLDER_SUBDIRS = ("tmp", *SUBDIRS)  # what a folder directory holds
 _MANAGED = frozenset(MAILDIR_LETTERS)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from crdtmail.bridges.layout import (
+    FOLDER_SUBDIRS,
     ROOT_DIR,
     SUBDIRS,
     MaildirFile,
@@ -464,6 +465,10 @@ class MaildirBridge:
         self.state.save(folders={folder_dir: folder_id})
         return folder_id
 
+    def _make_folder_dir(self, folder_dir: str) -> None:
+        for sub in FOLDER_SUBDIRS:
+            (self.root / folder_dir / sub).mkdir(parents=True, exist_ok=True)
+
     def _dir_for_folder(self, folder_id: str) -> str:
         for folder_dir, mapped in self.state.folders.items():
             if mapped == folder_id:
@@ -475,8 +480,7 @@ class MaildirBridge:
         except ModelError:
             folder = self.mailbox.folder(self.mailbox.role_folder("trash"))
         folder_dir = folder_dir_for_path(folder.path)
-        for sub in ("tmp", "new", "cur"):
-            (self.root / folder_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._make_folder_dir(folder_dir)
         self.state.save(folders={folder_dir: folder.id})
         log.info("bridge %s: created folder directory %s for %s", self.mailbox.name, folder_dir, folder.path)
         return folder_dir
@@ -558,12 +562,12 @@ class MaildirBridge:
             if any(r.file.folder_dir == folder_dir for r in self.state.records.values()):
                 continue  # its files move to the trash first
             directory = self.root / folder_dir
-            leftovers = [p for sub in ("tmp", "new", "cur") for p in _entries(directory / sub)]
+            leftovers = [p for sub in FOLDER_SUBDIRS for p in _entries(directory / sub)]
             if leftovers:
                 log.warning("bridge %s: folder %s was deleted but %s still holds %d files; keeping it",
                             self.mailbox.name, folder_dir, show_path(directory), len(leftovers))
             else:
-                for sub in ("tmp", "new", "cur"):
+                for sub in FOLDER_SUBDIRS:
                     with contextlib.suppress(OSError):
                         (directory / sub).rmdir()
                 with contextlib.suppress(OSError):
@@ -869,9 +873,8 @@ class MaildirBridge:
              "sha256": p.sha256} for p in planned])
         self._step("journal before delivery")
         for folder_dir in {p.final.folder_dir for p in planned}:
-            # All three: another program may have removed or renamed the directory since the last pass.
-            for sub in ("tmp", "new", "cur"):
-                (self.root / folder_dir / sub).mkdir(parents=True, exist_ok=True)
+            # All of it: another program may have removed or renamed the directory since the last pass.
+            self._make_folder_dir(folder_dir)
         # fsync waits on the disk, not the CPU: several in flight let the file system commit them together, and
         # a running peer goes on receiving while they are written (see finish_deliveries). A task per stream of
         # files rather than per file: a future and a thread hand-off per file cost the event loop's thread more
