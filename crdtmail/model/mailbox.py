@@ -240,6 +240,11 @@ def _lacking(whole: bytes, state_vector: bytes | None) -> bytes:
     return whole if state_vector is None or state_vector == _EMPTY_STATE_VECTOR else get_update(whole, state_vector)
 
 
+def _standard_folder(role: str) -> dict[str, Any]:
+    """A standard folder's value before anything changed it (never stored as such: see ``Mailbox._initialise``)."""
+    return {"name": _STANDARD_FOLDERS[role], "parent": None, "role": role, "deleted": False}
+
+
 def _newest_first(shard_names: Iterable[str]) -> list[str]:
     """Month shards newest first ("YYYY-MM" sorts by date), then the undated one."""
     names = set(shard_names)
@@ -745,12 +750,14 @@ class Mailbox:
 
     def _folder_values(self) -> dict[str, dict[str, Any]]:
         """Each folder's stored value by id: the standard folders as they start out, unless a change was stored."""
-        values: dict[str, dict[str, Any]] = {
-            role: {"name": folder_name, "parent": None, "role": role, "deleted": False}
-            for role, folder_name in _STANDARD_FOLDERS.items()
-        }
+        values = {role: _standard_folder(role) for role in _STANDARD_FOLDERS}
         values.update((key, value) for key, value in self._folders.items() if isinstance(value, dict))
         return values
+
+    def _folder_value(self, folder_id: str) -> dict[str, Any]:
+        """One live folder's value, as ``_folder_values`` has it, for a change to it to start from."""
+        value = self._folders.get(folder_id)
+        return dict(value) if isinstance(value, dict) else _standard_folder(folder_id)
 
     def _folder_from(self, folder_id: str, value: dict[str, Any], raw: dict[str, Any]) -> Folder:
         names = [str(value.get("name", folder_id))]
@@ -869,7 +876,7 @@ class Mailbox:
         with self._operation():
             parent = self.create_folder("/".join(parts[:-1])).id if len(parts) > 1 else None
             with self._index_doc.transaction(origin=LOCAL):
-                value = dict(self._folder_values()[folder.id])
+                value = self._folder_value(folder.id)
                 value.update(name=parts[-1], parent=parent)
                 self._set_folder(folder.id, value)
         return self.folder(folder.id)
@@ -894,7 +901,7 @@ class Mailbox:
             for message_id in ids:
                 self.move(message_id, trash)
             with self._index_doc.transaction(origin=LOCAL):
-                value = dict(self._folder_values()[folder.id])
+                value = self._folder_value(folder.id)
                 value["deleted"] = True
                 self._set_folder(folder.id, value)
 
