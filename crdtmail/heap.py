@@ -172,24 +172,19 @@ def prefault(size: int) -> threading.Event | None:
 
 
 def _populate(start: int, length: int, done: threading.Event) -> None:
-    try:
-        _populate_range(start, length)
-    finally:
-        done.set()
-
-
-def _populate_range(start: int, length: int) -> None:
     global _populate_supported
     assert _glibc is not None
     # ctypes lets go of the GIL for each call, so the faults are taken on another core. In chunks: the kernel
     # holds the process's mmap lock through one call, and the main thread, which needs it to map memory (a new
     # arena of Python's allocator, a thread's stack), would wait for the whole range (25 ms for 48 MB here).
     # A range the heap gave back meanwhile (a hold ended and trimmed it) fails with ENOMEM, and is no loss.
-    for offset in range(0, length, PREFAULT_CHUNK_BYTES):
-        size = min(PREFAULT_CHUNK_BYTES, length - offset)
-        if _glibc.madvise(start + offset, size, _MADV_POPULATE_WRITE) != 0:
-            if ctypes.get_errno() == errno.EINVAL:
-                _populate_supported = False
-                log.debug("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): no faulting in ahead")
-            return
-
+    try:
+        for offset in range(0, length, PREFAULT_CHUNK_BYTES):
+            size = min(PREFAULT_CHUNK_BYTES, length - offset)
+            if _glibc.madvise(start + offset, size, _MADV_POPULATE_WRITE) != 0:
+                if ctypes.get_errno() == errno.EINVAL:
+                    _populate_supported = False
+                    log.debug("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later): no faulting in ahead")
+                return
+    finally:
+        done.set()
