@@ -922,3 +922,56 @@ def test_a_flag_change_or_move_patches_the_stored_row_as_a_recomputation_would(b
                            "peer")
         assert mailbox.rows(ids) == mailbox.rows_for_shard("2026-11"), step
         assert mailbox.rows(ids)[message_id].flags == tuple(sorted(mailbox.message(message_id).flags))
+
+
+def test_peek_reads_what_pycrdt_reads(mailbox: Mailbox) -> None:
+    """``_Shard.peek`` reads Yrs' maps directly (for speed): it must agree with pycrdt's own reads."""
+    ids = [mailbox.add(make_raw(f"peek {n}"), flags=["seen"] if n % 2 else []).message_id for n in range(6)]
+    mailbox.set_flags(ids[1], remove=["seen"], add=["$Later"])  # a flag cleared is stored as False
+    mailbox.move(ids[2], "Archive")
+    mailbox.expunge(ids[3])
+    shard = mailbox._shard_of(ids[0])
+    # What a concurrent add from a peer that had not seen an expunge leaves: an envelope beside the tombstone.
+    mailbox.expunge(ids[4])
+    shard.messages[ids[4]] = shard.messages[ids[5]]
+    names = ["\\Seen", "$Later", "\\Flagged"]
+    for message_id in [*ids, "no-such-id"]:
+        keys = [f"{message_id}/{name}" for name in names]
+        visible, values, placement = shard.peek(message_id, keys, placement=True)
+        assert visible == (shard.visible_envelope(message_id) is not None)
+        assert values == [shard.flags.get(key) for key in keys]
+        assert placement == shard.placement.get(message_id)
+    assert shard.peek(ids[0]) == (True, [], None)  # placement only when asked
+
+
+def test_changes_batched_together_leave_the_listing_rows_a_recomputation_gives(mailbox: Mailbox) -> None:
+    """Local changes patch the committed row at commit; several changes to one message in one commit, a message
+    added in the same commit, and a message listed before, all end with the rows the shard gives."""
+    listed = [mailbox.add(make_raw(f"listed {n}")).message_id for n in range(4)]
+    assert {row.message_id for row in mailbox.list_folder("INBOX")} == set(listed)  # listed: shards remembered
+    with mailbox.batch():
+        mailbox.set_flags(listed[0], add=["seen"])
+        mailbox.move(listed[0], "Archive")
+        mailbox.set_flags(listed[0], add=["flagged"], remove=["seen"])
+        mailbox.move(listed[1], "Archive")
+        mailbox.set_flags(listed[1], add=["$Work"])
+        new = mailbox.add(make_raw("added in the batch")).message_id
+        mailbox.set_flags(new, add=["seen"])
+        mailbox.move(new, "Archive")
+    mailbox.set_flags(listed[2], add=["seen"])
+    mailbox.move(listed[3], "Trash")
+    expected = mailbox.rows_for_shard(mailbox._shard_of(listed[0]).name)
+    assert mailbox.rows([*listed, new]) == expected
+    assert expected[listed[0]].flags == ("\\Flagged",) and expected[listed[0]].folder_id == "archive"
+    assert expected[new].flags == ("\\Seen",) and expected[new].folder_id == "archive"
+
+
+def test_a_listed_message_expunged_since_is_unknown_to_flag_changes_and_moves(mailbox: Mailbox) -> None:
+    mid = mailbox.add(make_raw()).message_id
+    assert [row.message_id for row in mailbox.list_folder("INBOX")] == [mid]  # its shard is remembered
+    mailbox.expunge(mid)
+    with pytest.raises(UnknownMessageError):
+        mailbox.set_flags(mid, add=["seen"])
+    with pytest.raises(UnknownMessageError):
+        mailbox.move(mid, "Archive")
+    assert mailbox.rows([mid]) == {}
