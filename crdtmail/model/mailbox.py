@@ -343,6 +343,10 @@ class Mailbox:
         self._hold_depth = 0  # inside batch(hold_transactions=True)
         self._held_transactions: dict[str, Transaction] = {}  # shard -> its open LOCAL transaction
         self._shard_names: OrderedDict[str, str] = OrderedDict()  # see SHARD_NAME_CACHE
+        # A loaded document's state vector, decoded at its last commit and dropped at its next transaction: the
+        # causality check of a remote update reads it here instead of encoding and decoding it again on the way
+        # to the peers (off that way, the commit decodes it after the update was passed on).
+        self._known_states: dict[str, dict[int, int]] = {}
         self._index_doc: Doc[Any] = self._rebuild(INDEX_DOC)
         stored = self._index_doc.get_state() != _EMPTY_STATE_VECTOR
         self._meta: Map[Any] = self._index_doc.get("meta", type=Map)
@@ -368,6 +372,7 @@ class Mailbox:
 
     def _watch(self, doc_name: str, doc: Doc[Any]) -> None:
         def on_transaction(event: TransactionEvent) -> None:
+            self._known_states.pop(doc_name, None)
             if self._remote_origin is not None:
                 # Only whether it changed anything: the caller stores the update it applied, and encoding this
                 # transaction's (a whole shard, when one arrives) costs nearly half as much again as applying it.
@@ -552,6 +557,9 @@ class Mailbox:
         for document, update, _ in pending.updates:
             # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
             batch.updates.append(DocumentUpdate(document, update, vectors[document]))
+        for document, vector in vectors.items():
+            if document == INDEX_DOC or document in self._shards:
+                self._known_states[document] = decode_state_vector(vector)
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
             # A big remote change (a whole shard arriving) reads each map once instead of once per message.
@@ -1300,15 +1308,17 @@ class Mailbox:
                 and self._backend.state_vector(doc_name) is None and self._store_whole(doc_name, update, origin)):
             return True
         doc = self._index_doc if doc_name == INDEX_DOC else self._load_shard(doc_name).doc
-        state_before = doc.get_state()
-        if check_causality and missing_dependencies(update, decode_state_vector(state_before)):
+        state_before = self._known_states.get(doc_name)
+        if state_before is None:
+            state_before = decode_state_vector(doc.get_state())
+        if check_causality and missing_dependencies(update, state_before):
             held = self._held.setdefault(doc_name, [])
             if len(held) >= MAX_HELD_UPDATES:
                 # The oldest is dropped, not lost: the state-vector exchange of the next sync brings it again.
                 held.pop(0)
             held.append((update, origin))
             return False
-        arrived_whole = doc_name != INDEX_DOC and state_before == _EMPTY_STATE_VECTOR
+        arrived_whole = doc_name != INDEX_DOC and not state_before
         with self._operation():
             self._integrate(doc_name, doc, update, origin, whole=arrived_whole)
             waiting = self._held.get(doc_name)
@@ -1424,6 +1434,7 @@ class Mailbox:
         for target, subscription in self._subscriptions.pop(shard_name, []):
             target.unobserve(subscription)
         self._shards.pop(shard_name, None)
+        self._known_states.pop(shard_name, None)
         self._watched.discard(shard_name)
 
     # ---------------------------------------------------------------------------------- full-state reads

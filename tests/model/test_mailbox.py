@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 from pathlib import Path
@@ -975,3 +976,38 @@ def test_a_listed_message_expunged_since_is_unknown_to_flag_changes_and_moves(ma
     with pytest.raises(UnknownMessageError):
         mailbox.move(mid, "Archive")
     assert mailbox.rows([mid]) == {}
+
+
+def test_a_remembered_state_vector_is_always_the_documents_own(backend: MailboxBackend) -> None:
+    """The causality check reads a document's state vector as decoded at its last commit: after every local or
+    remote change, whatever is remembered must equal the document's state vector."""
+    rng = random.Random(3)
+    a, b = Mailbox("m", backend), Mailbox("m", MemoryBackend())
+    wires: dict[str, list[tuple[str, bytes]]] = {"a": [], "b": []}
+    a.observe(lambda change: wires["b"].extend(change.updates) if change.is_local else None)
+    b.observe(lambda change: wires["a"].extend(change.updates) if change.is_local else None)
+    b.apply_update(INDEX_DOC, a.encode_document(INDEX_DOC), origin="a")
+    ids = [a.add(make_raw(f"m{n}")).message_id for n in range(8)]
+    remembered = 0
+    for _ in range(200):
+        name, replica = ("a", a) if rng.random() < 0.5 else ("b", b)
+        arriving, wires[name] = wires[name][:3], wires[name][3:]
+        # Inside a batch, as a read that brought several frames is applied: no commit between the changes.
+        with replica.batch():
+            message_id = rng.choice(ids)
+            for doc, update in arriving:
+                assert replica.apply_update(doc, update, origin="other")  # each one's dependencies came first
+                remembered += remembered_states_checked(replica)
+                with contextlib.suppress(UnknownMessageError):  # not arrived on this replica yet
+                    replica.set_flags(message_id, add=["seen"] if rng.random() < 0.5 else [], remove=["flagged"])
+                remembered += remembered_states_checked(replica)
+        remembered += remembered_states_checked(replica)
+    assert remembered > 100  # the check ran on something
+
+
+def remembered_states_checked(mailbox: Mailbox) -> int:
+    """Assert every state vector the mailbox remembers is its document's own; how many there were."""
+    for doc, known in mailbox._known_states.items():
+        document = mailbox._index_doc if doc == INDEX_DOC else mailbox._shards[doc].doc
+        assert known == decode_state_vector(document.get_state()), doc
+    return len(mailbox._known_states)
