@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,8 @@ async def _peer_node(config_path: Path) -> None:
     """
     import threading
 
+    import pycrdt
+
     from crdtmail.model.mailbox import LOCAL
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
@@ -249,18 +252,57 @@ async def _peer_node(config_path: Path) -> None:
     peer = Peer(replica, bodies=False, oldest_shard=config.get("oldest_shard"))
     box = peer.mailbox("default")
     keyword = config.get("keyword", "$BenchToggle")
-    received: list[tuple[int, list[str], int]] = []  # (committed at, message ids, applied at)
+    commits: list[tuple[int, list[str]]] = []  # (committed at, message ids) of each remote change committed
     sent: list[tuple[int, str]] = []
     last_arrival = [time.monotonic()]
-    applied_at = [0]
+    # Which message each announced update changed, for its own applied time: a peer writes the remote changes of
+    # a few milliseconds in one commit, so the commit's time says nothing of when each was applied. Only times
+    # and bytes are noted while changes flow; at the dump a shadow of each shard replays the announced updates in
+    # order, and its flags map names the keys each changed (an update overwriting a flag names only the item it
+    # replaces, not the key).
+    announced: list[tuple[int, str, bytes, bool]] = []  # (announced at, document, update, remote)
+    shadows: dict[str, pycrdt.Doc[Any]] = {}
+    shadow_maps: list[pycrdt.Map[Any]] = []  # pycrdt drops a subscription with the map object that made it
+    shadow_keys: list[str] = []
+    applied: dict[str, deque[int]] = defaultdict(deque)  # message id -> when its remote changes were announced
+
+    def shadow_documents() -> None:
+        for name in box.document_names():
+            if name != "index" and name not in shadows:
+                doc: pycrdt.Doc[Any] = pycrdt.Doc()
+                doc.apply_update(box.encode_document(name))
+                flags = doc.get("flags", type=pycrdt.Map)
+                flags.observe(lambda event: shadow_keys.extend(event.keys))
+                shadows[name] = doc
+                shadow_maps.append(flags)
+
+    def received() -> list[tuple[int, list[str], int]]:
+        """(committed at, [message id], applied at) per remote change committed since the last call."""
+        for at, document, update, remote in announced:
+            doc = shadows.get(document)
+            if doc is None:
+                continue
+            shadow_keys.clear()
+            doc.apply_update(update)
+            if remote:
+                for key in shadow_keys:
+                    applied[key.partition("/")[0]].append(at)
+        announced.clear()
+        records = []
+        for committed_at, ids in commits:
+            for message_id in ids:
+                times = applied.get(message_id)
+                records.append((committed_at, [message_id], times.popleft() if times else committed_at))
+        commits.clear()
+        return records
 
     def on_update(document: str, update: bytes, origin: Any) -> None:
-        if origin is not LOCAL:
-            applied_at[0] = time.monotonic_ns()  # in memory and passed on to the other links; commit follows
+        # In memory and passed on to the other links; the commit follows.
+        announced.append((time.monotonic_ns(), document, update, origin is not LOCAL))
 
     def on_change(change: Any) -> None:
         if not change.is_local and change.changed:
-            received.append((time.monotonic_ns(), sorted(change.changed), applied_at[0]))
+            commits.append((time.monotonic_ns(), sorted(change.changed)))
             last_arrival[0] = time.monotonic()
 
     box.observe_updates(on_update)  # after the peer's own: the time it was relayed on
@@ -306,6 +348,7 @@ async def _peer_node(config_path: Path) -> None:
                         and total_messages() >= command["messages"]):
                     break
                 await asyncio.sleep(0.01)
+            shadow_documents()
             emit(ready=time.monotonic() < deadline, messages=total_messages(), links=len(peer.sessions))
         elif kind == "send":  # paced flag changes: one every interval_ms, due times fixed in advance
             if not targets:
@@ -333,16 +376,16 @@ async def _peer_node(config_path: Path) -> None:
             deadline = time.monotonic() + float(command.get("timeout", 60))
             wanted = int(command.get("changes", 0))
             while time.monotonic() < deadline:
-                arrived = sum(len(ids) for _, ids, _ in received)
+                arrived = sum(len(ids) for _, ids in commits)
                 if wanted and arrived >= wanted:
                     break
                 if time.monotonic() - last_arrival[0] > float(command.get("quiet_s", 1.0)):
                     break
                 await asyncio.sleep(0.01)
-            emit(arrived=sum(len(ids) for _, ids, _ in received))
+            emit(arrived=sum(len(ids) for _, ids in commits))
         elif kind == "dump":  # hand over (and forget) what was sent and received since the last dump
-            Path(command["path"]).write_text(json.dumps({"sent": sent, "received": received}))
-            sent, received = [], []
+            Path(command["path"]).write_text(json.dumps({"sent": sent, "received": received()}))
+            sent = []
             emit(dumped=command["path"])
         elif kind == "stop":
             break
