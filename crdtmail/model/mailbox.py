@@ -327,7 +327,7 @@ class Mailbox:
         self._pending = _Pending()
         self._batch_depth = 0
         self._remote_origin: Any = None
-        self._folder_cache: tuple[list[Folder], list[Folder]] | None = None
+        self._folder_cache: tuple[list[Folder], list[Folder], frozenset[str]] | None = None  # all, live, live ids
         self._held: dict[str, list[tuple[bytes, Any]]] = {}
         self._remote_changed = False
         self._watched: set[str] = set()  # documents whose maps are observed (see _watch_roots)
@@ -817,7 +817,8 @@ class Mailbox:
             raw = self._folder_values()
             every = [(bool(value.get("deleted")), self._folder_from(key, value, raw)) for key, value in raw.items()]
             every.sort(key=lambda item: (item[1].role != "inbox", item[1].path.lower(), item[1].id))
-            self._folder_cache = [folder for _, folder in every], [folder for deleted, folder in every if not deleted]
+            live = [folder for deleted, folder in every if not deleted]
+            self._folder_cache = [folder for _, folder in every], live, frozenset(folder.id for folder in live)
         return list(self._folder_cache[0] if include_deleted else self._folder_cache[1])
 
     def _folder_values(self) -> dict[str, dict[str, Any]]:
@@ -876,7 +877,7 @@ class Mailbox:
         if self._folder_cache is None:
             self.folders()
         assert self._folder_cache is not None
-        if any(folder.id == folder_id for folder in self._folder_cache[1]):
+        if folder_id in self._folder_cache[2]:
             return folder_id
         # A message placed in a deleted or unknown folder (a concurrent delete) is shown in the trash, not lost.
         return self.role_folder(TRASH)
@@ -1053,6 +1054,8 @@ class Mailbox:
             names.popitem(last=False)
 
     def _shard_of(self, message_id: str) -> _Shard:
+        """A message's shard (also of an expunged one: callers check), without asking SQLite when a listing or a
+        look-up named it lately (SHARD_NAME_CACHE)."""
         shard_name = self._shard_names.get(message_id) or self._listing().locate(message_id)
         if shard_name is None:
             for shard in self._shards.values():  # added in a batch not yet committed
@@ -1100,7 +1103,7 @@ class Mailbox:
     def move(self, message_id: str, folder: str) -> bool:
         """Place a message in ``folder``; returns False when it was already there."""
         folder_id = self.folder(folder).id
-        shard = self._changing_shard(message_id)
+        shard = self._shard_of(message_id)
         visible, _, placed = shard.peek(message_id, placement=True)
         self._check_visible(visible, message_id)
         if placed == folder_id:
@@ -1111,11 +1114,6 @@ class Mailbox:
 
         self._change(shard, message_id, self._pending.moved, _RowPatch(folder_id=folder_id), write)
         return True
-
-    def _changing_shard(self, message_id: str) -> _Shard:
-        """The shard of a message about to change, without a SQLite look-up when a listing named it lately."""
-        shard_name = self._shard_names.get(message_id)
-        return self._shard_of(message_id) if shard_name is None else self._load_shard(shard_name)
 
     def _check_visible(self, visible: bool, message_id: str) -> None:
         """Raise UnknownMessageError unless the message is visible in its shard here or listed in the store (which
@@ -1143,7 +1141,7 @@ class Mailbox:
         """Set and clear flags or keywords; returns whether anything changed."""
         to_add = {normalise_flag(flag) for flag in add}
         to_remove = {normalise_flag(flag) for flag in remove} - to_add
-        shard = self._changing_shard(message_id)
+        shard = self._shard_of(message_id)
         # Only the keys this call may change are read: a mailbox with many keywords would otherwise pay a read
         # per keyword in use.
         prefix = message_id + _FLAG_SEPARATOR
