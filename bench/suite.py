@@ -105,6 +105,9 @@ def _hop_cell(figures: dict[str, Any]) -> str:
     committed = figures.get("committed") if isinstance(figures, dict) else None
     if committed and committed.get("samples"):
         cell += f"; committed there {_fmt(committed['p50_ms'], 'ms')} / {_fmt(committed['p99_ms'], 'ms')}"
+    cpu = figures.get("cpu_us_per_change") if isinstance(figures, dict) else None
+    if cpu:
+        cell += "; CPU per change " + ", ".join(f"n{node} {us:.0f} us" for node, us in cpu.items())
     return cell
 
 
@@ -131,7 +134,9 @@ def scenario_one_hop(settings: Settings, work: Path) -> dict[str, Any]:
         for label, sender, receiver in (("desktop_to_mobile", 0, 1), ("mobile_to_desktop", 1, 0)):
             net.changes(sender, [receiver], settings.hop_warmup, settings.interval_ms)
             out[label] = _hop_figures(net.changes(sender, [receiver], settings.hop_samples, settings.interval_ms))
-            _log(f"  {label}: p50 {out[label]['p50_ms']:.3f} ms, p99 {out[label]['p99_ms']:.3f} ms")
+            cpu = out[label]["cpu_us_per_change"]
+            _log(f"  {label}: p50 {out[label]['p50_ms']:.3f} ms, p99 {out[label]['p99_ms']:.3f} ms; CPU per change "
+                 f"sender {cpu[str(sender)]:.0f} us, receiver {cpu[str(receiver)]:.0f} us")
     return out
 
 
@@ -190,8 +195,9 @@ def scenario_topologies(settings: Settings, work: Path) -> dict[str, Any]:
                 relay = _hop_figures(net.changes(0, receivers, settings.hop_samples, settings.interval_ms))
                 relay["interval_ms"] = settings.interval_ms
                 out["relay_at_hop_interval"] = relay
+                cpu = ", ".join(f"n{node} {us:.0f} us" for node, us in relay["cpu_us_per_change"].items())
                 _log(f"  A -> relay -> C every {settings.interval_ms} ms: p50 {relay['p50_ms']:.2f} ms, "
-                     f"p99 {relay['p99_ms']:.2f} ms")
+                     f"p99 {relay['p99_ms']:.2f} ms; CPU per change {cpu}")
     return out
 
 

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -226,6 +227,12 @@ async def _peer_resync(data_dir: Path, port: int, token: str, out: Path, oldest_
     out.write_text(json.dumps(figures))
 
 
+def _cpu_seconds() -> float:
+    """CPU time this process used so far, every thread, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _tcp_bytes(link: Any) -> tuple[int, int] | None:
     """(bytes received, bytes sent and acknowledged) on a link's TCP socket (Linux TCP_INFO); None elsewhere."""
     from bench.alternatives.pyws_child import tcp_bytes
@@ -384,7 +391,12 @@ async def _peer_node(config_path: Path) -> None:
                 await asyncio.sleep(0.01)
             emit(arrived=sum(len(ids) for _, ids in commits))
         elif kind == "dump":  # hand over (and forget) what was sent and received since the last dump
-            Path(command["path"]).write_text(json.dumps({"sent": sent, "received": received()}))
+            # This process's CPU time (every thread, user and system) on entry and on the way out: the replay of
+            # the shadows below is the bench's own work, and falls between the two.
+            cpu_in = _cpu_seconds()
+            records = received()
+            Path(command["path"]).write_text(json.dumps({"sent": sent, "received": records, "cpu_in": cpu_in,
+                                                         "cpu_out": _cpu_seconds()}))
             sent = []
             emit(dumped=command["path"])
         elif kind == "stop":
@@ -660,22 +672,30 @@ class Network:
 
     def changes(self, sender: int, receivers: list[int], count: int, interval_ms: float) -> dict[str, Any]:
         """``count`` paced flag changes on ``sender``; per change the latency until every receiver applied it."""
-        for node in self.nodes:  # start clean
-            node.command("dumped", cmd="dump", path=str(self.work / f"{node.name}.discard.json"))
+        cpu_from = {}
+        for i, node in enumerate(self.nodes):  # start clean
+            path = self.work / f"{node.name}.discard.json"
+            node.command("dumped", cmd="dump", path=str(path))
+            cpu_from[i] = json.loads(path.read_text())["cpu_out"]
         sending = self.nodes[sender].command("sent", cmd="send", count=count, interval_ms=interval_ms,
                                              wait=120 + count * max(interval_ms, 1.0) / 1000 * 3)
         for r in receivers:
             self.nodes[r].command("arrived", cmd="quiet", changes=count, quiet_s=2.0, timeout=60)
         records: dict[int, dict[str, Any]] = {}
-        for i in [sender, *receivers]:
+        for i in range(len(self.nodes)):  # every node, for its CPU time: a relaying peer's too
             path = self.work / f"{self.nodes[i].name}.records.json"
             self.nodes[i].command("dumped", cmd="dump", path=str(path))
             records[i] = json.loads(path.read_text())
         received = {str(r): records[r]["received"] for r in receivers}
         latencies, lost = match_latencies(records[sender]["sent"], received)
         committed, _ = match_latencies(records[sender]["sent"], received, committed=True)
+        # CPU per change: what each node spent from the first change until the last had arrived everywhere,
+        # commits and checkpoints included, divided by the changes. Unlike a latency it hardly moves with how
+        # busy the VM's host is, so it shows work saved (or added) above one run's noise.
+        cpu_us = {str(i): round((records[i]["cpu_in"] - cpu_from[i]) / count * 1e6, 1)
+                  for i in range(len(self.nodes))}
         return {"latencies_ms": latencies, "committed_latencies_ms": committed, "lost": lost, "sent": sending["sent"],
-                "send_seconds": sending["seconds"],
+                "send_seconds": sending["seconds"], "cpu_us_per_change": cpu_us,
                 "offered_per_s": round(1000 / interval_ms) if interval_ms else None,
                 "achieved_per_s": round((sending["sent"] - 1) / sending["seconds"]) if sending["seconds"] else None}
 
