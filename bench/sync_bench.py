@@ -692,7 +692,7 @@ class Network:
         # CPU per change: what each node spent from the first change until the last had arrived everywhere,
         # commits and checkpoints included, divided by the changes. Unlike a latency it hardly moves with how
         # busy the VM's host is, so it shows work saved (or added) above one run's noise.
-        cpu_us = {str(i): round((records[i]["cpu_in"] - cpu_from[i]) / count * 1e6, 1)
+        cpu_us = {str(i): round((records[i]["cpu_in"] - cpu_from[i]) / max(count, 1) * 1e6, 1)
                   for i in range(len(self.nodes))}
         return {"latencies_ms": latencies, "committed_latencies_ms": committed, "lost": lost, "sent": sending["sent"],
                 "send_seconds": sending["seconds"], "cpu_us_per_change": cpu_us,
