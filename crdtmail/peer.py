@@ -69,6 +69,10 @@ MISSING_BODY_RETRY_SECONDS = (0.25, 1.0, 4.0, 15.0, 60.0)
 # A session's hold on the allocator (crdtmail.heap) ends at its SyncComplete, or after this long: a peer that
 # never answers must not keep this process from giving memory back for as long as the link lives.
 HEAP_HOLD_SECONDS = 60.0
+# Remote changes are written in groups (Mailbox.defer_remote_writes): the first one waiting is written at most
+# this long after it was applied and passed on, together with whatever arrived meanwhile. Local changes are
+# written before the operation returns.
+GROUP_COMMIT_SECONDS = 0.005
 # A shard takes about this many bytes per unit of its state vector's clocks (an envelope, a placement or a flag
 # each add one): 125-145 in the generated mailboxes of bench/. A catalog's state vectors so tell roughly how many
 # bytes a first sync is about to bring, before any of them arrives.
@@ -421,6 +425,7 @@ class Peer:
         self.dialers: list[Dialer] = []
         self._mailboxes: dict[str, Mailbox] = {}
         self._indexing: dict[str, asyncio.Task[None]] = {}
+        self._write_timers: dict[str, asyncio.TimerHandle] = {}  # mailbox -> its group commit to come
         self.body_sources: list[BodySource] = []
         # Called with each body's hash once it is stored (a desktop then delivers the message to its Maildir).
         self.body_listeners: list[Callable[[str], None]] = []
@@ -437,8 +442,32 @@ class Peer:
             mailbox = self.replica.mailbox(name, create=True)
             mailbox.observe_updates(functools.partial(self._relay, name))
             mailbox.observe(functools.partial(self._committed, name))
+            mailbox.defer_remote_writes(functools.partial(self._schedule_write, name))
             self._mailboxes[name] = mailbox
         return mailbox
+
+    def _schedule_write(self, mailbox: str) -> bool:
+        """Have a mailbox's deferred remote changes written soon (``GROUP_COMMIT_SECONDS``); False when no event
+        loop runs here to do it (the mailbox then writes at once)."""
+        if mailbox in self._write_timers:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._write_timers[mailbox] = loop.call_later(GROUP_COMMIT_SECONDS, self._write_deferred, mailbox)
+        return True
+
+    def _write_deferred(self, name: str) -> None:
+        self._write_timers.pop(name, None)
+        mailbox = self._mailboxes.get(name)
+        if mailbox is None:
+            return
+        try:
+            mailbox.write_deferred()
+        except CrdtmailError as exc:  # a loop callback: nobody else would see it
+            log.error("mailbox %s: writing the changes peers sent failed: %s; they stay in memory, and peers send "
+                      "them again on the next sync if this process stops first", name, exc)
 
     def _relay(self, mailbox: str, document: str, update: bytes, origin: Any) -> None:
         # Before the commit: a hop costs less than writing the rows and the SQLite transaction.

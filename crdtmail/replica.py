@@ -158,8 +158,13 @@ class Replica:
         self._peer_lock = handle
 
     def close(self) -> None:
-        """Close the store; mailboxes opened from it must not be used afterwards."""
-        self._mailboxes.clear()
+        """Close the store, after writing what its mailboxes deferred; mailboxes opened from it must not be used
+        afterwards."""
+        try:
+            for mailbox in self._mailboxes.values():
+                mailbox.write_deferred()
+        finally:
+            self._mailboxes.clear()
         self.store.close()
         if self._peer_lock is not None:
             self._peer_lock.close()  # and with it the lock

@@ -387,6 +387,46 @@ def test_a_burst_of_updates_is_applied_under_few_commits_and_converges(tmp_path:
 
 
 @pytest.mark.timeout(60)
+def test_a_peer_writes_the_changes_peers_send_by_itself_in_groups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes that arrive one read at a time are applied and passed on at once, and written later in one group
+    (GROUP_COMMIT_SECONDS, long here so the group is certain), by the peer itself: nothing reads its listing."""
+    monkeypatch.setattr(peer_module, "GROUP_COMMIT_SECONDS", 0.5)
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desk_box = desktop_replica.mailbox("default", create=True)
+    ids = [desk_box.add(make_raw(f"group {n}")).message_id for n in range(10)]
+    phone_replica = Replica.init(tmp_path / "phone")
+
+    async def main() -> None:
+        desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False)
+        server, dialer, task = await phone_dials_desktop(desktop, phone)
+        phone_box = phone.mailbox("default")
+        await until(lambda: any("default" in s.synced for s in phone.sessions))
+        await until(lambda: not phone_box.has_deferred_writes)  # the sync's own remote changes, if any
+        commits: list[int] = []
+        announced: list[str] = []
+        phone_box.observe(lambda change: commits.append(len(change.changed)) if not change.is_local else None)
+        phone_box.observe_updates(lambda document, update, origin: announced.append(document))
+        for message_id in ids:
+            desk_box.set_flags(message_id, add=["flagged"])
+            await asyncio.sleep(0.005)  # a read of its own for each
+        await until(lambda: len(announced) == len(ids))
+        assert commits == [] and phone_box.has_deferred_writes  # applied and passed on; not written yet
+        await until(lambda: sum(commits) == len(ids))
+        assert len(commits) < len(ids) and not phone_box.has_deferred_writes
+        stored = phone_replica.store.backend("default")
+        for document in phone_box.loaded_shards():
+            assert decode_state_vector(stored.state_vector(document) or b"\x00") == decode_state_vector(
+                phone_box.document_state_vector(document))
+        await hang_up(dialer, task, phone, server)
+
+    run_closing(main(), desktop_replica, phone_replica)
+    with Replica.open(tmp_path / "phone") as reopened:
+        box = reopened.mailbox("default")
+        assert all(box.message(m).flags == {"\\Flagged"} for m in ids)
+
+
+@pytest.mark.timeout(60)
 def test_a_fresh_phone_lists_the_shards_of_its_first_sync_by_itself(tmp_path: Path) -> None:
     """An initial sync stores each shard as it arrives; the peer then builds their listing rows in the
     background, newest month first, and tells observers of every message it listed, with the link as origin."""

@@ -1011,3 +1011,93 @@ def remembered_states_checked(mailbox: Mailbox) -> int:
         document = mailbox._index_doc if doc == INDEX_DOC else mailbox._shards[doc].doc
         assert known == decode_state_vector(document.get_state()), doc
     return len(mailbox._known_states)
+
+
+def deferring_pair(backend: MailboxBackend) -> tuple[Mailbox, Mailbox, list[tuple[str, bytes]], list[int]]:
+    """A sender and a receiver whose remote writes are deferred (the receiver's scheduler counts its calls);
+    the sender holds three messages the receiver has, and what it sends goes to the returned outbox."""
+    a, b = Mailbox("m", MemoryBackend()), Mailbox("m", backend)
+    outbox: list[tuple[str, bytes]] = []
+    a.observe(lambda change: outbox.extend(change.updates))
+    for n in range(3):
+        a.add(make_raw(f"deferred {n}"))
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    outbox.clear()
+    scheduled: list[int] = []
+    b.defer_remote_writes(lambda: scheduled.append(1) is None)
+    return a, b, outbox, scheduled
+
+
+def test_remote_changes_are_passed_on_at_once_and_written_together_later(backend: MailboxBackend) -> None:
+    a, b, outbox, scheduled = deferring_pair(backend)
+    ids = sorted(row.message_id for row in a.list_folder("INBOX"))
+    announced: list[bytes] = []
+    committed: list[MailboxChange] = []
+    b.observe_updates(lambda document, update, origin: announced.append(update))
+    b.observe(committed.append)
+    for message_id in ids:
+        a.set_flags(message_id, add=["seen"])
+    shard = next(document for document, _ in outbox if document != INDEX_DOC)
+    stored = backend.state_vector(shard)
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    assert announced == [update for _, update in outbox]  # passed on as each arrived
+    assert committed == [] and b.has_deferred_writes and len(scheduled) == 1  # one write asked for, not three
+    assert backend.state_vector(shard) == stored  # nothing written yet
+    b.write_deferred()
+    assert not b.has_deferred_writes and backend.state_vector(shard) != stored
+    assert len(committed) == 1 and committed[0].changed == set(ids) and committed[0].origin == "a"
+    assert [update for _, update in committed[0].updates] == announced
+    assert all(row.flags == ("\\Seen",) for row in Mailbox("m", backend).rows(ids).values())  # as a restart reads
+
+
+def test_a_local_change_or_a_listing_writes_what_waits_first(backend: MailboxBackend) -> None:
+    a, b, outbox, _ = deferring_pair(backend)
+    first, second, third = sorted(row.message_id for row in a.list_folder("INBOX"))
+    a.set_flags(first, add=["flagged"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    assert b.has_deferred_writes
+    assert b.rows([first])[first].flags == ("\\Flagged",)  # a read of the listing wrote it first
+    assert not b.has_deferred_writes
+    outbox.clear()
+    a.set_flags(second, add=["seen"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    b.move(third, "Archive")  # a local change: written with the remote one before it returns
+    assert not b.has_deferred_writes
+    rows = Mailbox("m", backend).rows([second, third])
+    assert rows[second].flags == ("\\Seen",) and rows[third].folder_id == "archive"
+
+
+def test_unloading_a_shard_writes_what_waits_and_a_refusing_scheduler_writes_at_once(backend: MailboxBackend) -> None:
+    a, b, outbox, _ = deferring_pair(backend)
+    message_id = a.list_folder("INBOX")[0].message_id
+    a.set_flags(message_id, add=["seen"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    for shard in b.loaded_shards():
+        b.unload(shard)  # its rows are read from the document: written before it goes
+    assert not b.has_deferred_writes
+    assert Mailbox("m", backend).rows([message_id])[message_id].flags == ("\\Seen",)
+    outbox.clear()
+    b.defer_remote_writes(lambda: False)  # nobody to write later: written at once
+    a.set_flags(message_id, add=["flagged"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    assert not b.has_deferred_writes
+    assert Mailbox("m", backend).rows([message_id])[message_id].flags == ("\\Flagged", "\\Seen")
+
+
+def test_a_remote_update_that_changes_nothing_leaves_no_trace_in_the_next_change() -> None:
+    """A no-op remote update (one already applied) must not lend its origin to the local change that follows."""
+    a, b = Mailbox("m", MemoryBackend()), Mailbox("m", MemoryBackend())
+    update = b.encode_document(INDEX_DOC)
+    a.apply_update(INDEX_DOC, update, origin="b")
+    a.apply_update(INDEX_DOC, update, origin="b")  # changes nothing now
+    changes: list[MailboxChange] = []
+    a.observe(changes.append)
+    added = a.add(make_raw("after a no-op"), redeliver=True)
+    assert added.added and [change.origin for change in changes] == [LOCAL]
+    assert changes[0].is_local and changes[0].added == {added.message_id}
