@@ -11,8 +11,10 @@ peer of its own (a fresh data directory under SCRATCH) that dials the server for
 A -> serving peer (which commits it and relays it) -> B, the alternatives' A -> room server -> B. A key of
 ``set``/``take`` is one flag change: the n-th key a client is given toggles the keyword ``$BenchToggle`` on the
 (n mod 200)-th message of the ``latency`` mailbox, and B notes the time at which its replica applied a remote
-change of that message (``Mailbox.observe_updates``, just before B commits it), as the alternatives' clients
-note when their document has it. ``sync`` is a fresh peer syncing a whole
+change of that message (``Mailbox.observe_updates``, before B commits it), as the alternatives' clients note
+when their document has it. A peer writes the changes of a few milliseconds in one commit, so which message an
+update changed is learnt later, off the measured path: ``take`` replays the updates through a shadow of each
+shard, whose flags map names the keys each changed. ``sync`` is a fresh peer syncing a whole
 mailbox: the time from dialing until the mailbox is in sync (every shard stored in SQLite), as the suite's
 initial_sync, and until its listing rows are built too (``listed_seconds``).
 
@@ -34,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import pycrdt
 
 from bench.alternatives.pyws_child import (
     SETTLE_S,
@@ -183,7 +187,10 @@ class Client(CommandClient):
         self.taken_count = 0
         self.arrivals: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
         self.arrived = asyncio.Event()
-        self.applied_at = 0
+        self.announced: list[tuple[int, str, bytes]] = []  # (applied at, document, update) of remote updates
+        self.shadows: dict[str, pycrdt.Doc[Any]] = {}
+        self.shadow_maps: list[pycrdt.Map[Any]] = []  # pycrdt drops a subscription with the map object that made it
+        self.shadow_keys: list[str] = []
 
     def _member(self, room: str) -> Member:
         return Member(Path(tempfile.mkdtemp(prefix=f"{room}-", dir=self.scratch)), room, self.mode)
@@ -192,13 +199,13 @@ class Client(CommandClient):
         """A peer of its own syncs the room's mailbox and stays linked (``load`` is not needed: the serving
         peer holds every room's mailbox already, see ``prepare_server``)."""
         member = self._member(room)
-        if observe:
-            member.mailbox.observe_updates(self._on_update)
-            member.mailbox.observe(self._on_change)
         session = await member.link(url, self.token, 120)
         self.members[room] = member
         if room == LATENCY_ROOM:
             self.targets = sorted(view.id for view in member.mailbox.all_messages())
+        if observe:
+            self._shadow_documents(member.mailbox)
+            member.mailbox.observe_updates(self._on_update)
         return {"extensions": _extensions(session), **self._entries(member)}
 
     def _entries(self, member: Member) -> dict[str, int]:
@@ -206,17 +213,32 @@ class Client(CommandClient):
         complete = room_size(member.room) if messages == self.held.get(member.room) else messages
         return {"entries": complete, "messages": messages}
 
-    def _on_update(self, document: str, update: bytes, origin: Any) -> None:
-        if origin is not LOCAL:
-            self.applied_at = time.monotonic_ns()  # in B's document (as theirs measure); the commit follows
+    def _shadow_documents(self, mailbox: Any) -> None:
+        for name in mailbox.document_names():
+            if name != "index" and name not in self.shadows:
+                doc: pycrdt.Doc[Any] = pycrdt.Doc()
+                doc.apply_update(mailbox.encode_document(name))
+                flags = doc.get("flags", type=pycrdt.Map)
+                flags.observe(lambda event: self.shadow_keys.extend(event.keys))
+                self.shadows[name] = doc
+                self.shadow_maps.append(flags)
 
-    def _on_change(self, change: Any) -> None:
-        if change.is_local or not change.changed:
-            return
-        now = self.applied_at or time.monotonic_ns()
-        for message_id in change.changed:
-            self.arrivals[message_id].append(now)
-        self.arrived.set()
+    def _on_update(self, document: str, update: bytes, origin: Any) -> None:
+        if origin is not LOCAL:  # in B's document (as theirs measure); the commit follows
+            self.announced.append((time.monotonic_ns(), document, update))
+            self.arrived.set()
+
+    def _replay(self) -> None:
+        """Note, per message, when the remote updates applied so far changed it."""
+        for at, document, update in self.announced:
+            doc = self.shadows.get(document)
+            if doc is None:
+                continue
+            self.shadow_keys.clear()
+            doc.apply_update(update)
+            for key in self.shadow_keys:
+                self.arrivals[key.partition("/")[0]].append(at)
+        self.announced.clear()
 
     def _target(self, number: int) -> str:
         return self.targets[number % len(self.targets)]
@@ -243,8 +265,12 @@ class Client(CommandClient):
         for _key in keys:
             target = self._target(self.taken_count)
             self.taken_count += 1
+            self._replay()
             while not self.arrivals[target] and time.monotonic() < deadline:
                 self.arrived.clear()
+                self._replay()
+                if self.arrivals[target]:
+                    break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.arrived.wait(), min(0.05, max(0.0, deadline - time.monotonic())))
             times.append(self.arrivals[target].popleft() if self.arrivals[target] else None)
