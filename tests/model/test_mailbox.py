@@ -1101,3 +1101,32 @@ def test_a_remote_update_that_changes_nothing_leaves_no_trace_in_the_next_change
     added = a.add(make_raw("after a no-op"), redeliver=True)
     assert added.added and [change.origin for change in changes] == [LOCAL]
     assert changes[0].is_local and changes[0].added == {added.message_id}
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_remote_changes_leave_the_rows_a_recomputation_gives_alone_or_in_a_group(
+        backend: MailboxBackend, deferred: bool) -> None:
+    """Remote flag changes and moves, several to one message, a message added meanwhile: written one at a time
+    or in one group, the stored rows are what the shard gives."""
+    a, b, outbox, _ = deferring_pair(backend)
+    if not deferred:
+        b.defer_remote_writes(None)
+    first, second, third = sorted(row.message_id for row in a.list_folder("INBOX"))
+    a.set_flags(first, add=["seen", "flagged", "$Work"])
+    a.set_flags(first, remove=["seen"])
+    a.set_flags(second, add=["answered"])
+    a.move(third, "Archive")  # not a flag: its row is read from the shard
+    a.set_flags(third, add=["seen"])
+    fourth = a.add(make_raw("new in the group"), flags=["seen"]).message_id  # no committed row yet
+    a.set_flags(fourth, add=["flagged"])
+    for document, update in outbox:
+        b.apply_update(document, update, origin="a")
+    b.write_deferred()
+    ids = [first, second, third, fourth]
+    stored = Mailbox("m", backend).rows(ids)  # what a restart reads
+    shards = {row.shard for row in stored.values()}
+    recomputed = {message_id: row for shard in shards for message_id, row in b.rows_for_shard(shard).items()}
+    assert stored == {message_id: recomputed[message_id] for message_id in ids}
+    assert stored[first].flags == ("$Work", "\\Flagged") and not stored[first].seen
+    assert stored[third].folder_id == "archive" and stored[third].seen
+    assert stored[fourth].flags == ("\\Flagged", "\\Seen")
