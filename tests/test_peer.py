@@ -349,24 +349,36 @@ def test_a_body_answered_missing_is_asked_for_again(tmp_path: Path) -> None:
     run_closing(main(), desktop_replica, phone_replica)
 
 
+def desktop_and_new_phone(tmp_path: Path, subject: str, count: int) -> tuple[Replica, Mailbox, list[str], Replica]:
+    """A desktop replica holding ``count`` messages (their ids returned) and an empty phone replica."""
+    desktop_replica = Replica.init(tmp_path / "desktop")
+    desk_box = desktop_replica.mailbox("default", create=True)
+    ids = [desk_box.add(make_raw(f"{subject} {n}")).message_id for n in range(count)]
+    return desktop_replica, desk_box, ids, Replica.init(tmp_path / "phone")
+
+
+def remote_commits_and_updates(box: Mailbox) -> tuple[list[int], list[str]]:
+    """Lists that fill as ``box`` commits remote changes (how many messages each changed) and announces updates
+    (their documents)."""
+    commits: list[int] = []
+    announced: list[str] = []
+    box.observe(lambda change: commits.append(len(change.changed)) if not change.is_local else None)
+    box.observe_updates(lambda document, update, origin: announced.append(document))
+    return commits, announced
+
+
 @pytest.mark.timeout(60)
 def test_a_burst_of_updates_is_applied_under_few_commits_and_converges(tmp_path: Path) -> None:
     """Updates that arrive together are applied under one commit (and relayed at it), not one commit each; the
     result is the same, and every update is still announced on its own."""
-    desktop_replica = Replica.init(tmp_path / "desktop")
-    desk_box = desktop_replica.mailbox("default", create=True)
-    ids = [desk_box.add(make_raw(f"burst {n}")).message_id for n in range(20)]
-    phone_replica = Replica.init(tmp_path / "phone")
+    desktop_replica, desk_box, ids, phone_replica = desktop_and_new_phone(tmp_path, "burst", 20)
 
     async def main() -> None:
         desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False)
         server, dialer, task = await phone_dials_desktop(desktop, phone)
         phone_box = phone.mailbox("default")
         await until(lambda: any("default" in s.synced for s in phone.sessions))
-        commits: list[int] = []
-        announced: list[str] = []
-        phone_box.observe(lambda change: commits.append(len(change.changed)) if not change.is_local else None)
-        phone_box.observe_updates(lambda document, update, origin: announced.append(document))
+        commits, announced = remote_commits_and_updates(phone_box)
         # One synchronous burst: every frame is on the socket before the phone's side of the loop runs.
         for message_id in ids:
             desk_box.set_flags(message_id, add=["flagged"])
@@ -392,10 +404,7 @@ def test_a_peer_writes_the_changes_peers_send_by_itself_in_groups(
     """Changes that arrive one read at a time are applied and passed on at once, and written later in one group
     (GROUP_COMMIT_SECONDS, long here so the group is certain), by the peer itself: nothing reads its listing."""
     monkeypatch.setattr(peer_module, "GROUP_COMMIT_SECONDS", 0.5)
-    desktop_replica = Replica.init(tmp_path / "desktop")
-    desk_box = desktop_replica.mailbox("default", create=True)
-    ids = [desk_box.add(make_raw(f"group {n}")).message_id for n in range(10)]
-    phone_replica = Replica.init(tmp_path / "phone")
+    desktop_replica, desk_box, ids, phone_replica = desktop_and_new_phone(tmp_path, "group", 10)
 
     async def main() -> None:
         desktop, phone = Peer(desktop_replica, bodies=False), Peer(phone_replica, bodies=False)
@@ -403,10 +412,7 @@ def test_a_peer_writes_the_changes_peers_send_by_itself_in_groups(
         phone_box = phone.mailbox("default")
         await until(lambda: any("default" in s.synced for s in phone.sessions))
         await until(lambda: not phone_box.has_deferred_writes)  # the sync's own remote changes, if any
-        commits: list[int] = []
-        announced: list[str] = []
-        phone_box.observe(lambda change: commits.append(len(change.changed)) if not change.is_local else None)
-        phone_box.observe_updates(lambda document, update, origin: announced.append(document))
+        commits, announced = remote_commits_and_updates(phone_box)
         for message_id in ids:
             desk_box.set_flags(message_id, add=["flagged"])
             await asyncio.sleep(0.005)  # a read of its own for each

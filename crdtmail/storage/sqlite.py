@@ -50,7 +50,7 @@ COMPACT_MAX_LOG_COUNT = 20_000
 CHECKPOINT_SPACING_SECONDS = 0.02
 BUSY_TIMEOUT_MS = 5000  # sqlite3.connect's default: how long a statement waits for another process's lock
 RESTART_BUSY_MS = 20
-WAL_RESET_FRAMES = 8192  # 32 MB of WAL: then start it afresh (see _Checkpointer)
+WAL_RESET_FRAMES = 8192  # pages of WAL (64 MB at 8 KB pages, 32 MB in older 4 KB stores): then start it afresh
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
