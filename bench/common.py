@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pycrdt
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -102,3 +103,48 @@ def code_fingerprint(tag: str) -> str:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+class ShadowShards:
+    """Plain pycrdt copies of a mailbox's shards, to learn which message each update a peer announced changed.
+
+    A peer writes the remote changes of a few milliseconds in one commit, so a commit's time says nothing of when
+    each change was applied. While changes flow only times and bytes are noted (``note``); ``replay``, off the
+    measured path, applies them in order to the copies, whose flags maps name the keys each changed (an update
+    overwriting a flag names only the item it replaces, not the key).
+    """
+
+    def __init__(self) -> None:
+        self._docs: dict[str, pycrdt.Doc[Any]] = {}
+        self._maps: list[pycrdt.Map[Any]] = []  # pycrdt drops a subscription with the map object that made it
+        self._keys: list[str] = []
+        self._noted: list[tuple[int, str, bytes, bool]] = []  # (applied at, document, update, remote)
+
+    def copy(self, mailbox: Any) -> None:
+        """Copy the shards of ``mailbox`` (a crdtmail Mailbox) not copied yet."""
+        for name in mailbox.document_names():
+            if name != "index" and name not in self._docs:
+                doc: pycrdt.Doc[Any] = pycrdt.Doc()
+                doc.apply_update(mailbox.encode_document(name))
+                flags = doc.get("flags", type=pycrdt.Map)
+                flags.observe(lambda event: self._keys.extend(event.keys))
+                self._docs[name] = doc
+                self._maps.append(flags)
+
+    def note(self, at: int, document: str, update: bytes, *, remote: bool = True) -> None:
+        """An update the mailbox announced at ``at`` (local ones keep the copies in step and are not reported)."""
+        self._noted.append((at, document, update, remote))
+
+    def replay(self) -> list[tuple[int, str]]:
+        """(applied at, message id) per message each remote update noted since the last call changed."""
+        changed: list[tuple[int, str]] = []
+        for at, document, update, remote in self._noted:
+            doc = self._docs.get(document)
+            if doc is None:
+                continue
+            self._keys.clear()
+            doc.apply_update(update)
+            if remote:
+                changed.extend((at, key.partition("/")[0]) for key in self._keys)
+        self._noted.clear()
+        return changed

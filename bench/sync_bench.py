@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
-from bench.common import WORK_DIR, machine, peak_rss_mb, write_results
+from bench.common import WORK_DIR, ShadowShards, machine, peak_rss_mb, write_results
 
 ROLE_ENV = "CRDTMAIL_BENCH_ROLE"
 
@@ -248,8 +248,6 @@ async def _peer_node(config_path: Path) -> None:
     """
     import threading
 
-    import pycrdt
-
     from crdtmail.model.mailbox import LOCAL
     from crdtmail.peer import Peer
     from crdtmail.replica import Replica
@@ -262,39 +260,13 @@ async def _peer_node(config_path: Path) -> None:
     commits: list[tuple[int, list[str]]] = []  # (committed at, message ids) of each remote change committed
     sent: list[tuple[int, str]] = []
     last_arrival = [time.monotonic()]
-    # Which message each announced update changed, for its own applied time: a peer writes the remote changes of
-    # a few milliseconds in one commit, so the commit's time says nothing of when each was applied. Only times
-    # and bytes are noted while changes flow; at the dump a shadow of each shard replays the announced updates in
-    # order, and its flags map names the keys each changed (an update overwriting a flag names only the item it
-    # replaces, not the key).
-    announced: list[tuple[int, str, bytes, bool]] = []  # (announced at, document, update, remote)
-    shadows: dict[str, pycrdt.Doc[Any]] = {}
-    shadow_maps: list[pycrdt.Map[Any]] = []  # pycrdt drops a subscription with the map object that made it
-    shadow_keys: list[str] = []
+    shadows = ShadowShards()  # which message each announced update changed, for its own applied time
     applied: dict[str, deque[int]] = defaultdict(deque)  # message id -> when its remote changes were announced
-
-    def shadow_documents() -> None:
-        for name in box.document_names():
-            if name != "index" and name not in shadows:
-                doc: pycrdt.Doc[Any] = pycrdt.Doc()
-                doc.apply_update(box.encode_document(name))
-                flags = doc.get("flags", type=pycrdt.Map)
-                flags.observe(lambda event: shadow_keys.extend(event.keys))
-                shadows[name] = doc
-                shadow_maps.append(flags)
 
     def received() -> list[tuple[int, list[str], int]]:
         """(committed at, [message id], applied at) per remote change committed since the last call."""
-        for at, document, update, remote in announced:
-            doc = shadows.get(document)
-            if doc is None:
-                continue
-            shadow_keys.clear()
-            doc.apply_update(update)
-            if remote:
-                for key in shadow_keys:
-                    applied[key.partition("/")[0]].append(at)
-        announced.clear()
+        for at, message_id in shadows.replay():
+            applied[message_id].append(at)
         records = []
         for committed_at, ids in commits:
             for message_id in ids:
@@ -305,7 +277,7 @@ async def _peer_node(config_path: Path) -> None:
 
     def on_update(document: str, update: bytes, origin: Any) -> None:
         # In memory and passed on to the other links; the commit follows.
-        announced.append((time.monotonic_ns(), document, update, origin is not LOCAL))
+        shadows.note(time.monotonic_ns(), document, update, remote=origin is not LOCAL)
 
     def on_change(change: Any) -> None:
         if not change.is_local and change.changed:
@@ -355,7 +327,7 @@ async def _peer_node(config_path: Path) -> None:
                         and total_messages() >= command["messages"]):
                     break
                 await asyncio.sleep(0.01)
-            shadow_documents()
+            shadows.copy(box)
             emit(ready=time.monotonic() < deadline, messages=total_messages(), links=len(peer.sessions))
         elif kind == "send":  # paced flag changes: one every interval_ms, due times fixed in advance
             if not targets:

@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pycrdt
-
 from bench.alternatives.pyws_child import (
     SETTLE_S,
     CommandClient,
@@ -46,6 +44,7 @@ from bench.alternatives.pyws_child import (
     exit_when_stdin_closes,
     tcp_bytes,
 )
+from bench.common import ShadowShards
 from crdtmail.model.mailbox import LOCAL
 
 KEYWORD = "$BenchToggle"
@@ -187,10 +186,7 @@ class Client(CommandClient):
         self.taken_count = 0
         self.arrivals: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
         self.arrived = asyncio.Event()
-        self.announced: list[tuple[int, str, bytes]] = []  # (applied at, document, update) of remote updates
-        self.shadows: dict[str, pycrdt.Doc[Any]] = {}
-        self.shadow_maps: list[pycrdt.Map[Any]] = []  # pycrdt drops a subscription with the map object that made it
-        self.shadow_keys: list[str] = []
+        self.shadows = ShadowShards()  # which message each remote update changed (see _replay)
 
     def _member(self, room: str) -> Member:
         return Member(Path(tempfile.mkdtemp(prefix=f"{room}-", dir=self.scratch)), room, self.mode)
@@ -204,7 +200,7 @@ class Client(CommandClient):
         if room == LATENCY_ROOM:
             self.targets = sorted(view.id for view in member.mailbox.all_messages())
         if observe:
-            self._shadow_documents(member.mailbox)
+            self.shadows.copy(member.mailbox)
             member.mailbox.observe_updates(self._on_update)
         return {"extensions": _extensions(session), **self._entries(member)}
 
@@ -213,32 +209,15 @@ class Client(CommandClient):
         complete = room_size(member.room) if messages == self.held.get(member.room) else messages
         return {"entries": complete, "messages": messages}
 
-    def _shadow_documents(self, mailbox: Any) -> None:
-        for name in mailbox.document_names():
-            if name != "index" and name not in self.shadows:
-                doc: pycrdt.Doc[Any] = pycrdt.Doc()
-                doc.apply_update(mailbox.encode_document(name))
-                flags = doc.get("flags", type=pycrdt.Map)
-                flags.observe(lambda event: self.shadow_keys.extend(event.keys))
-                self.shadows[name] = doc
-                self.shadow_maps.append(flags)
-
     def _on_update(self, document: str, update: bytes, origin: Any) -> None:
         if origin is not LOCAL:  # in B's document (as theirs measure); the commit follows
-            self.announced.append((time.monotonic_ns(), document, update))
+            self.shadows.note(time.monotonic_ns(), document, update)
             self.arrived.set()
 
     def _replay(self) -> None:
         """Note, per message, when the remote updates applied so far changed it."""
-        for at, document, update in self.announced:
-            doc = self.shadows.get(document)
-            if doc is None:
-                continue
-            self.shadow_keys.clear()
-            doc.apply_update(update)
-            for key in self.shadow_keys:
-                self.arrivals[key.partition("/")[0]].append(at)
-        self.announced.clear()
+        for at, message_id in self.shadows.replay():
+            self.arrivals[message_id].append(at)
 
     def _target(self, number: int) -> str:
         return self.targets[number % len(self.targets)]
