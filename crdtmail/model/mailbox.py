@@ -570,21 +570,20 @@ class Mailbox:
             self._pending = _Pending()  # an operation that changed nothing may still have left notes
             self._announce_indexed()
             return
+        new_updates = pending.updates[pending.announced:]  # the ones before were announced by a deferred commit
         try:
             # Peers get the updates before the disk does: the rows and the SQLite commit below take longer than
             # the hop itself. Nothing is lost if this process dies before committing: the peers hold the update,
             # and the next sync brings it back (a document reloaded from the store gets a new client id).
-            while pending.announced < len(pending.updates):
-                document, update, origin = pending.updates[pending.announced]
+            for document, update, origin in new_updates:
                 pending.announced += 1
                 for update_observer in list(self._update_observers):
                     update_observer(document, update, origin)
-            if defer and self._may_defer(pending):
+            if defer and self._may_defer(pending, new_updates):
                 self._deferred = True
                 for document in pending.documents:  # as _commit_pending would (the next causality check reads it)
-                    doc = self._index_doc if document == INDEX_DOC else getattr(self._shards.get(document), "doc", None)
-                    if doc is not None and document not in self._known_states:
-                        self._known_states[document] = decode_state_vector(doc.get_state())
+                    if document not in self._known_states:
+                        self._remember_state(document)
                 return
         except BaseException:
             self._write(pending)  # what reached the documents is written even when an observer failed
@@ -596,14 +595,26 @@ class Mailbox:
         self._deferred = False
         self._commit_pending(pending)
 
-    def _may_defer(self, pending: _Pending) -> bool:
-        """Whether a commit's write may wait (``defer_remote_writes``): only remote updates are pending, and
-        nothing that arrived whole is to be dropped once written."""
+    def _may_defer(self, pending: _Pending, new_updates: list[tuple[str, bytes, Any]]) -> bool:
+        """Whether a commit's write may wait (``defer_remote_writes``): only remote updates are pending (those
+        before ``new_updates`` were checked when their own commit was deferred), and nothing that arrived whole is
+        to be dropped once written."""
         if self._write_scheduler is None or pending.blobs or pending.stored_whole or self._drop_after_commit:
             return False
-        if any(origin == LOCAL for _, _, origin in pending.updates):
+        if any(origin == LOCAL for _, _, origin in new_updates):
             return False
         return self._deferred or self._write_scheduler()
+
+    def _remember_state(self, document: str, vector: bytes | None = None) -> None:
+        """Keep a loaded document's decoded state vector (``vector``, or read from it) for the next causality
+        check (see ``_known_states``); a document not in memory is skipped."""
+        if document == INDEX_DOC:
+            doc = self._index_doc
+        elif document in self._shards:
+            doc = self._shards[document].doc
+        else:
+            return
+        self._known_states[document] = decode_state_vector(doc.get_state() if vector is None else vector)
 
     def _commit_pending(self, pending: _Pending) -> None:
         self._resolve_row_patches(pending)
@@ -614,8 +625,7 @@ class Mailbox:
             # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
             batch.updates.append(DocumentUpdate(document, update, vectors[document]))
         for document, vector in vectors.items():
-            if document == INDEX_DOC or document in self._shards:
-                self._known_states[document] = decode_state_vector(vector)
+            self._remember_state(document, vector)
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
             # A big remote change (a whole shard arriving) reads each map once instead of once per message.
