@@ -181,6 +181,15 @@ class _RowPatch:
     remove: frozenset[str] = frozenset()
     folder_id: str | None = None
 
+    def with_flags(self, values: dict[str, bool]) -> _RowPatch:
+        """This patch with each flag in ``values`` set (True) or cleared (False) instead."""
+        changed = frozenset(values)
+        return dataclasses.replace(
+            self,
+            add=(self.add - changed) | {flag for flag, value in values.items() if value},
+            remove=(self.remove - changed) | {flag for flag, value in values.items() if not value},
+        )
+
     def applied_to(self, row: IndexRow) -> IndexRow:
         """``row`` with this patch's changes."""
         flags = tuple(sorted((set(row.flags) | self.add) - self.remove)) if self.add or self.remove else row.flags
@@ -202,6 +211,8 @@ class _Pending:
     blobs: dict[str, bytes] = field(default_factory=dict)
     # Rows known without reading the shard back, or to patch from the committed row (see _RowPatch).
     row_hints: dict[str, IndexRow | _RowPatch] = field(default_factory=dict)
+    # Flags peers changed on a message with a row patch: the commit reads their values then (see _on_shard_event).
+    remote_flags: dict[str, set[str]] = field(default_factory=dict)
     envelopes: set[str] = field(default_factory=set)  # remote changes to an envelope or a tombstone
     added_envelopes: dict[str, Envelope] = field(default_factory=dict)  # for MailboxChange.envelopes
     documents: set[str] = field(default_factory=set)
@@ -450,23 +461,31 @@ class Mailbox:
         touched = pending.touched.setdefault(shard.name, set())
         pending.documents.add(shard.name)
         keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
-        hints = pending.row_hints if self._remote_origin is not None else None
+        hints = pending.row_hints
         if root == "flags":
+            remote_flags = pending.remote_flags
             for key in keys:
                 message_id, _, flag = key.partition(_FLAG_SEPARATOR)
                 shard.flag_names.add(flag)
                 shard.flagged_ids.add(message_id)
+                # A message whose flags alone changed keeps its committed row, patched at commit with those flags'
+                # values then: working the row out of the shard (its envelope, placement and every flag) cost
+                # more than the rest of applying the update. Anything else pending for it: the row is read whole.
+                hint = hints.get(message_id)
+                if isinstance(hint, _RowPatch) or (hint is None and message_id not in touched):
+                    if hint is None:
+                        hints[message_id] = _RowPatch()
+                    remote_flags.setdefault(message_id, set()).add(flag)
+                elif hint is not None:
+                    del hints[message_id]
                 touched.add(message_id)
                 pending.changed.add(message_id)
-                if hints:
-                    hints.pop(message_id, None)
             return
         if root in ("messages", "expunged"):
             pending.envelopes.update(keys)
         for key, change in keys.items():
             touched.add(key)
-            if hints:
-                hints.pop(key, None)
+            hints.pop(key, None)
             action = change.get("action")
             if root == "messages":
                 if action == "add":
@@ -678,10 +697,20 @@ class Mailbox:
         stored = self._backend.rows(list(patches))
         for message_id, patch in patches.items():
             row = stored.get(message_id)
-            if row is None or message_id not in pending.touched.get(row.shard, ()):
+            shard = self._shards.get(row.shard) if row is not None else None
+            if row is None or shard is None or message_id not in pending.touched.get(row.shard, ()):
                 del pending.row_hints[message_id]
-            else:
-                pending.row_hints[message_id] = patch.applied_to(row)
+                continue
+            remote = pending.remote_flags.get(message_id)
+            if remote:
+                names = sorted(remote)
+                prefix = message_id + _FLAG_SEPARATOR
+                visible, values, _ = shard.peek(message_id, [prefix + name for name in names])
+                if not visible:
+                    del pending.row_hints[message_id]
+                    continue
+                patch = patch.with_flags({name: value is True for name, value in zip(names, values, strict=True)})
+            pending.row_hints[message_id] = patch.applied_to(row)
 
     def _announce_indexed(self) -> None:
         while self._indexed_changes:

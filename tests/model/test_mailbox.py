@@ -1130,3 +1130,33 @@ def test_remote_changes_leave_the_rows_a_recomputation_gives_alone_or_in_a_group
     assert stored[first].flags == ("$Work", "\\Flagged") and not stored[first].seen
     assert stored[third].folder_id == "archive" and stored[third].seen
     assert stored[fourth].flags == ("\\Flagged", "\\Seen")
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_rows_after_concurrent_and_mixed_flag_changes_are_what_the_shard_gives(
+        backend: MailboxBackend, deferred: bool) -> None:
+    """A remote flag change that loses to a concurrent local one, one that wins, and local and remote flag changes
+    to one message in one commit: the stored rows (patched at commit, not read from the shard) are what the shard
+    gives."""
+    a, b, outbox, _ = deferring_pair(backend)
+    if not deferred:
+        b.defer_remote_writes(None)
+    first, second, third = sorted(row.message_id for row in a.list_folder("INBOX"))
+    # Concurrent: each side sets the same flag its own way before seeing the other's.
+    a.set_flags(first, add=["seen"])
+    b.set_flags(first, remove=["seen"], add=["$Mine"])
+    a.set_flags(second, remove=["flagged"], add=["flagged"])  # sets it
+    b.set_flags(second, remove=["flagged"])
+    with b.batch():  # a local change and a remote one to the same message, in one commit
+        b.set_flags(third, add=["answered", "$Local"])
+        a.set_flags(third, remove=["answered"], add=["$Remote"])
+        for document, update in outbox:
+            b.apply_update(document, update, origin="a")
+        outbox.clear()
+    b.write_deferred()
+    ids = [first, second, third]
+    stored = Mailbox("m", backend).rows(ids)  # what a restart reads
+    shards = {row.shard for row in stored.values()}
+    recomputed = {message_id: row for shard in shards for message_id, row in b.rows_for_shard(shard).items()}
+    assert stored == {message_id: recomputed[message_id] for message_id in ids}
+    assert "$Mine" in stored[first].flags and "$Remote" in stored[third].flags and "$Local" in stored[third].flags
