@@ -6,8 +6,10 @@ import contextlib
 import random
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pycrdt import Doc, Map
 
 from crdtmail.errors import (
     AmbiguousMessageError,
@@ -21,7 +23,7 @@ from crdtmail.errors import (
 )
 from crdtmail.model.backend import CommitBatch, DocumentUpdate, MailboxBackend
 from crdtmail.model.causal import decode_state_vector
-from crdtmail.model.mailbox import INBOX, INDEX_DOC, LOCAL, TRASH, Mailbox, MailboxChange
+from crdtmail.model.mailbox import INBOX, INDEX_DOC, LOCAL, TRASH, Mailbox, MailboxChange, observe_keys
 from crdtmail.storage.memory import MemoryBackend
 from crdtmail.storage.sqlite import SqliteStore
 from tests.conftest import make_raw
@@ -943,6 +945,51 @@ def test_peek_reads_what_pycrdt_reads(mailbox: Mailbox) -> None:
         assert values == [shard.flags.get(key) for key in keys]
         assert placement == shard.placement.get(message_id)
     assert shard.peek(ids[0]) == (True, [], None)  # placement only when asked
+
+
+def test_observe_keys_gives_what_pycrdt_observe_gives() -> None:
+    """``observe_keys`` reads Yrs' events directly (for speed): the keys must be pycrdt's, for every kind of change a
+    shard's maps see (add, update, clear to False, delete; several keys in one transaction), from a peer too; an
+    exception in the callback reaches the caller, after the other observers ran; a dropped subscription ends."""
+    writer: Doc[Any] = Doc()
+    reader: Doc[Any] = Doc()
+    for doc in (writer, reader):
+        doc.get("flags", type=Map)
+    target = reader.get("flags", type=Map)
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    subscription = observe_keys(target, ours.append)
+    target.observe(lambda event: theirs.append(event.keys))
+    source = writer.get("flags", type=Map)
+
+    def send() -> None:
+        reader.apply_update(writer.get_update(reader.get_state()))
+
+    source["m1/\\Seen"] = True
+    send()
+    with writer.transaction():
+        source["m1/\\Seen"] = False
+        source["m2/$Later"] = True
+        source["m3"] = '{"subj": "an envelope"}'
+    send()
+    del source["m2/$Later"]
+    send()
+    target["local"] = 1  # a local write is reported too
+    assert ours == theirs and len(ours) == 4
+    assert ours[1]["m1/\\Seen"] == {"action": "update", "oldValue": True, "newValue": False}
+
+    def failing(keys: dict[str, Any]) -> None:
+        raise RuntimeError("observer failed")
+
+    subscription.drop()
+    failing_subscription = observe_keys(target, failing)
+    with pytest.raises(ExceptionGroup) as raised:  # pycrdt's way, for its observers' errors as for ours
+        target["again"] = 2
+    assert [str(error) for error in raised.value.exceptions] == ["observer failed"]
+    assert len(theirs) == 5 and len(ours) == 4  # pycrdt's observer still ran; the dropped one did not
+    failing_subscription.drop()
+    target["after"] = 3
+    assert len(theirs) == 6
 
 
 def test_changes_batched_together_leave_the_listing_rows_a_recomputation_gives(mailbox: Mailbox) -> None:
