@@ -18,6 +18,7 @@ from crdtmail.errors import ModelError
 
 _MAX_VARUINT_BYTES = 8
 _MAX_NESTING = 64
+_SKIP = 10  # the struct kind of a skipped range
 
 
 class UpdateDecodeError(ModelError):
@@ -113,6 +114,7 @@ class UpdateShape:
     ranges: dict[int, tuple[int, int]] = field(default_factory=dict)  # client -> (first clock, end clock)
     needs: dict[int, int] = field(default_factory=dict)  # client -> clocks below this must be known
     deletes: dict[int, int] = field(default_factory=dict)  # client -> end of the highest deleted range
+    skipped: dict[int, int] = field(default_factory=dict)  # client -> end of the highest range it does not carry
 
 
 def _need(needs: dict[int, int], client: int, end: int) -> None:
@@ -130,7 +132,14 @@ def decode_shape(update: bytes) -> UpdateShape:
         clock = reader.varuint()
         start = clock
         for _ in range(structs):
-            clock += _skip_struct(reader, shape.needs)
+            if reader.pos < len(reader.data) and reader.data[reader.pos] & 0x1F == _SKIP:
+                # A range this update does not carry (a merge of updates with a gap): what follows it integrates
+                # only where the document already has the range.
+                reader.pos += 1
+                clock += reader.varuint()
+                _need(shape.skipped, client, clock)
+                continue
+            clock += _skip_struct(reader, shape)
         if structs:
             shape.ranges[client] = (start, clock)
     for _ in range(reader.varuint()):
@@ -142,12 +151,13 @@ def decode_shape(update: bytes) -> UpdateShape:
     return shape
 
 
-def _skip_struct(reader: _Reader, needs: dict[int, int]) -> int:
+def _skip_struct(reader: _Reader, shape: UpdateShape) -> int:
     """Skip one struct, recording the ids it refers to; returns its length in clock units."""
     info = reader.byte()
     kind = info & 0x1F
-    if kind in (0, 10):  # GC, Skip
+    if kind == 0:  # GC
         return reader.varuint()
+    needs = shape.needs
     has_origin = bool(info & 0x80)
     has_right = bool(info & 0x40)
     if has_origin:
@@ -213,14 +223,27 @@ def decode_state_vector(state_vector: bytes) -> dict[int, int]:
 
 def missing_dependencies(update: bytes, state: dict[int, int]) -> bool:
     """Whether applying ``update`` on a document with ``state`` would leave some of it pending in Yrs."""
+    return check_update(update, state)[0]
+
+
+def check_update(update: bytes, state: dict[int, int]) -> tuple[bool, dict[int, int] | None]:
+    """Whether applying ``update`` on a document with ``state`` would leave some of it pending in Yrs
+    (``missing_dependencies``), and if not, the document's state vector after it.
+
+    A peer receiving a change reads the state after it here instead of encoding the document's and decoding it.
+    """
     shape = decode_shape(update)
     available = dict(state)
     for client, (start, end) in shape.ranges.items():
         if start > state.get(client, 0):
-            return True  # a gap before this client's structs
-        available[client] = max(available.get(client, 0), end)
+            return True, None  # a gap before this client's structs
+        if end > available.get(client, 0):
+            available[client] = end
+    for client, end in shape.skipped.items():
+        if end > state.get(client, 0):
+            return True, None  # a range it does not carry, before some it does
     for needs in (shape.needs, shape.deletes):
         for client, end in needs.items():
             if end > available.get(client, 0):
-                return True
-    return False
+                return True, None
+    return False, available

@@ -46,7 +46,7 @@ from crdtmail.errors import (
     UnknownMessageError,
 )
 from crdtmail.model.backend import CommitBatch, DocumentUpdate, FolderCount, IndexRow, MailboxBackend
-from crdtmail.model.causal import decode_state_vector, missing_dependencies
+from crdtmail.model.causal import check_update, decode_state_vector, missing_dependencies
 from crdtmail.model.flags import normalise_flag
 from crdtmail.model.message import UNDATED, Envelope, ParsedMessage, parse_message
 
@@ -666,7 +666,8 @@ class Mailbox:
             # Every update of a document in the batch gets the vector after the batch: the store keeps the last.
             batch.updates.append(DocumentUpdate(document, update, vectors[document]))
         for document, vector in vectors.items():
-            self._remember_state(document, vector)
+            if document not in self._known_states:  # present: known since the document's last transaction
+                self._remember_state(document, vector)
         for shard_name, ids in pending.touched.items():
             shard = self._shards[shard_name]
             # A big remote change (a whole shard arriving) reads each map once instead of once per message.
@@ -1428,7 +1429,8 @@ class Mailbox:
         state_before = self._known_states.get(doc_name)
         if state_before is None:
             state_before = decode_state_vector(doc.get_state())
-        if check_causality and missing_dependencies(update, state_before):
+        missing, state_after = check_update(update, state_before) if check_causality else (False, None)
+        if missing:
             held = self._held.setdefault(doc_name, [])
             if len(held) >= MAX_HELD_UPDATES:
                 # The oldest is dropped, not lost: the state-vector exchange of the next sync brings it again.
@@ -1438,6 +1440,8 @@ class Mailbox:
         arrived_whole = doc_name != INDEX_DOC and not state_before
         with self._operation():
             self._integrate(doc_name, doc, update, origin, whole=arrived_whole)
+            if state_after is not None and not self._held.get(doc_name):
+                self._known_states[doc_name] = state_after  # what the commit would decode from the document
             waiting = self._held.get(doc_name)
             while waiting:
                 state = decode_state_vector(doc.get_state())
