@@ -12,11 +12,12 @@ equally configured peer would reject.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 from crdtmail.errors import ConfigError, FrameError, FrameTooLargeError, UnknownFrameError
-from crdtmail.protocol.encoding import EMPTY_STATE_VECTOR, Reader, Writer, decode_state_vector
+from crdtmail.protocol.encoding import EMPTY_STATE_VECTOR, Reader, Writer, decode_state_vector, encode_varuint
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -408,8 +409,28 @@ def decode_y_websocket(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> YMess
 # ----------------------------------------------------------------------------------------------- encoding
 
 
+_SYNC_DATA_TYPES = {SyncType.STEP2.value: SyncType.STEP2, SyncType.UPDATE.value: SyncType.UPDATE}
+"""The sync types of frames that carry an update, by value."""
+
+
 def encode_frame(frame: Frame, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """The bytes of ``frame``; FrameError if a field is invalid or the frame would break ``limits``."""
+    if (type(frame) is SyncFrame and frame.sync_type in _SYNC_DATA_TYPES and type(frame.mailbox) is str
+            and type(frame.document) is str):
+        # Every change a peer sends or relays: its names were checked and written once (3 us a frame less).
+        payload = frame.payload if type(frame.payload) is bytes else bytes(frame.payload)
+        header = _sync_data_header(frame.mailbox, frame.document, _SYNC_DATA_TYPES[frame.sync_type],
+                                   limits.max_name_bytes)
+        data = header + encode_varuint(len(payload)) + payload
+        if len(data) > limits.max_frame_bytes:
+            raise FrameTooLargeError(
+                f"SyncFrame is {len(data)} bytes, over the frame limit of {limits.max_frame_bytes}"
+            )
+        return data
+    return _encode_frame(frame, limits)
+
+
+def _encode_frame(frame: Frame, limits: Limits) -> bytes:
     writer = Writer()
     if isinstance(frame, HelloFrame | WelcomeFrame):
         kind = "mailbox"
@@ -470,6 +491,15 @@ def encode_frame(frame: Frame, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=1024)
+def _sync_data_header(mailbox: str, document: str, sync_type: SyncType, max_name_bytes: int) -> bytes:
+    """The bytes of a SYNC frame before its payload's length, its names checked (FrameError if invalid)."""
+    limits = Limits(max_name_bytes=max_name_bytes)
+    _check_name(mailbox, "mailbox", limits)
+    _check_name(document, "document name", limits)
+    return Writer().varuint(FrameType.SYNC).varstring(mailbox).varstring(document).varuint(sync_type).to_bytes()
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 
 
@@ -484,9 +514,6 @@ def decode_frame(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Frame:
         if frame is not None:
             return frame
     return _decode_frame(data, limits)
-
-
-_SYNC_DATA_TYPES = {SyncType.STEP2.value: SyncType.STEP2, SyncType.UPDATE.value: SyncType.UPDATE}
 
 
 def decode_sync_data_frame(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncFrame | None:

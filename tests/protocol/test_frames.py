@@ -227,6 +227,30 @@ def test_the_fast_sync_decoder_agrees_with_the_full_one(
                                     max(len(frame.mailbox.encode()), len(frame.document.encode())) < 0x80)
 
 
+def _fully_encoded(frame: Frame, limits: Limits) -> bytes | type[Exception]:
+    try:
+        return frames_module._encode_frame(frame, limits)
+    except (FrameError, ValueError) as exc:
+        return type(exc)
+
+
+@settings(max_examples=300)
+@given(
+    st.builds(SyncFrame, st.text(max_size=70), st.text(max_size=70), st.sampled_from([1, 2, 7]),
+              st.binary(max_size=300)),
+    st.sampled_from([DEFAULT_LIMITS, Limits(max_name_bytes=8, max_frame_bytes=100, blob_chunk_bytes=40)]),
+)
+def test_the_fast_sync_encoder_agrees_with_the_full_one(frame: SyncFrame, limits: Limits) -> None:
+    """Update and step 2 frames are written with their checked names' bytes kept: the same bytes as the full
+    encoder, and the same refusals (an empty or overlong name, a lone surrogate, an unknown type, a frame too
+    large), the second time too."""
+    for _ in range(2):
+        try:
+            assert encode_frame(frame, limits=limits) == _fully_encoded(frame, limits)
+        except (FrameError, ValueError) as exc:
+            assert type(exc) is _fully_encoded(frame, limits)
+
+
 def test_the_fast_sync_decoder_leaves_odd_lengths_to_the_full_one() -> None:
     """A payload length written with a trailing zero group, or longer than the frame, is the full decoder's to
     refuse."""
