@@ -42,6 +42,9 @@ class _Reader:
     def varuint(self) -> int:
         # Inlined rather than through byte(): every update a peer receives is read here before it is applied.
         data, pos = self.data, self.pos
+        if pos < len(data) and data[pos] < 0x80:  # most of them: counts, clocks, lengths
+            self.pos = pos + 1
+            return data[pos]
         end = min(len(data), pos + _MAX_VARUINT_BYTES)
         result = 0
         shift = 0
