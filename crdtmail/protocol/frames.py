@@ -42,6 +42,7 @@ __all__ = [
     "WelcomeFrame",
     "YMessage",
     "decode_frame",
+    "decode_sync_data_frame",
     "decode_sync_message",
     "decode_y_websocket",
     "encode_frame",
