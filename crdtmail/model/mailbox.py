@@ -720,15 +720,15 @@ class Mailbox:
         stored = self._backend.rows(list(patches))
         for message_id, patch in patches.items():
             row = stored.get(message_id)
-            shard = self._shards.get(row.shard) if row is not None else None
-            if row is None or shard is None or message_id not in pending.touched.get(row.shard, ()):
+            if row is None or message_id not in pending.touched.get(row.shard, ()):
                 del pending.row_hints[message_id]
                 continue
             remote = pending.remote_flags.get(message_id)
             if remote:
                 names = sorted(remote)
                 prefix = message_id + _FLAG_SEPARATOR
-                visible, values, _ = shard.peek(message_id, [prefix + name for name in names])
+                # Touched, so in memory: the commit reads every touched shard (see _commit_pending).
+                visible, values, _ = self._shards[row.shard].peek(message_id, [prefix + name for name in names])
                 if not visible:
                     del pending.row_hints[message_id]
                     continue

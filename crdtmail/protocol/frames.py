@@ -420,8 +420,7 @@ def encode_frame(frame: Frame, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
             and type(frame.document) is str):
         # Every change a peer sends or relays: its names were checked and written once (3 us a frame less).
         payload = frame.payload if type(frame.payload) is bytes else bytes(frame.payload)
-        header = _sync_data_header(frame.mailbox, frame.document, _SYNC_DATA_TYPES[frame.sync_type],
-                                   limits.max_name_bytes)
+        header = _sync_data_header(frame.mailbox, frame.document, _SYNC_DATA_TYPES[frame.sync_type], limits)
         data = header + encode_varuint(len(payload)) + payload
         if len(data) > limits.max_frame_bytes:
             raise FrameTooLargeError(
@@ -493,9 +492,8 @@ def _encode_frame(frame: Frame, limits: Limits) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
-def _sync_data_header(mailbox: str, document: str, sync_type: SyncType, max_name_bytes: int) -> bytes:
+def _sync_data_header(mailbox: str, document: str, sync_type: SyncType, limits: Limits) -> bytes:
     """The bytes of a SYNC frame before its payload's length, its names checked (FrameError if invalid)."""
-    limits = Limits(max_name_bytes=max_name_bytes)
     _check_name(mailbox, "mailbox", limits)
     _check_name(document, "document name", limits)
     return Writer().varuint(FrameType.SYNC).varstring(mailbox).varstring(document).varuint(sync_type).to_bytes()
