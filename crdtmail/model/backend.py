@@ -67,6 +67,9 @@ class CommitBatch:
     indexed_shards: dict[str, bytes] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     replace_shards: set[str] = field(default_factory=set)  # drop every row of these shards first (a rebuild)
+    # The committed rows some of ``rows_upsert`` were derived from (a flag change patches the stored row): the
+    # store may then write only the columns that differ.
+    rows_before: dict[str, IndexRow] = field(default_factory=dict)
     # The committing side's whole in-memory document, encoded on demand: a store folding its log may use it
     # instead of merging the log, which costs milliseconds per fold and keeps every overwritten value.
     encode_document: Callable[[str], bytes | None] | None = None

@@ -211,6 +211,7 @@ class _Pending:
     blobs: dict[str, bytes] = field(default_factory=dict)
     # Rows known without reading the shard back, or to patch from the committed row (see _RowPatch).
     row_hints: dict[str, IndexRow | _RowPatch] = field(default_factory=dict)
+    rows_before: dict[str, IndexRow] = field(default_factory=dict)  # the committed rows patches were applied to
     # Flags peers changed on a message with a row patch: the commit reads their values then (see _on_shard_event).
     remote_flags: dict[str, set[str]] = field(default_factory=dict)
     envelopes: set[str] = field(default_factory=set)  # remote changes to an envelope or a tombstone
@@ -659,7 +660,7 @@ class Mailbox:
 
     def _commit_pending(self, pending: _Pending) -> None:
         self._resolve_row_patches(pending)
-        batch = CommitBatch(blobs=pending.blobs, encode_document=self._encode_for_fold)
+        batch = CommitBatch(blobs=pending.blobs, encode_document=self._encode_for_fold, rows_before=pending.rows_before)
         vectors = {name: pending.stored_whole[name][1] if name in pending.stored_whole else self._state_vector(name)
                    for name in {document for document, _, _ in pending.updates}}
         for document, update, _ in pending.updates:
@@ -734,6 +735,7 @@ class Mailbox:
                     continue
                 patch = patch.with_flags({name: value is True for name, value in zip(names, values, strict=True)})
             pending.row_hints[message_id] = patch.applied_to(row)
+            pending.rows_before[message_id] = row
 
     def _announce_indexed(self) -> None:
         while self._indexed_changes:

@@ -666,12 +666,23 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
             # table's page and the unread index's, where INSERT OR REPLACE rewrites all four of the row's B-trees.
             upsert = {}
             for message_id, r in batch.rows_upsert.items():
-                patched = connection.execute(
-                    "UPDATE rows SET seen = ?, flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
-                    " AND folder_id = ? AND date = ? AND sender = ? AND subject = ? AND size = ?",
-                    (int(r.seen), " ".join(r.flags), mailbox, message_id, r.shard, r.folder_id, r.date, r.sender,
-                     r.subject, r.size),
-                ).rowcount
+                before = batch.rows_before.get(message_id)
+                if before is not None and before.seen == r.seen:
+                    # \Seen as it was: flags alone, which leaves the unread index's page as it is (a flag change
+                    # wrote 7 pages, this one of them); the row must still hold the seen value it had.
+                    patched = connection.execute(
+                        "UPDATE rows SET flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
+                        " AND folder_id = ? AND date = ? AND seen = ? AND sender = ? AND subject = ? AND size = ?",
+                        (" ".join(r.flags), mailbox, message_id, r.shard, r.folder_id, r.date, int(r.seen),
+                         r.sender, r.subject, r.size),
+                    ).rowcount
+                else:
+                    patched = connection.execute(
+                        "UPDATE rows SET seen = ?, flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
+                        " AND folder_id = ? AND date = ? AND sender = ? AND subject = ? AND size = ?",
+                        (int(r.seen), " ".join(r.flags), mailbox, message_id, r.shard, r.folder_id, r.date,
+                         r.sender, r.subject, r.size),
+                    ).rowcount
                 if not patched:
                     upsert[message_id] = r
         if upsert:
@@ -689,10 +700,19 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
             else:
                 connection.executemany(head + "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         if batch.indexed_shards:
-            connection.executemany(
-                "INSERT OR REPLACE INTO indexed_shards (mailbox, shard, state_vector) VALUES (?, ?, ?)",
-                [(mailbox, shard, vector) for shard, vector in batch.indexed_shards.items()],
-            )
+            # An UPDATE first: it rewrites the table's page alone, where INSERT OR REPLACE deletes and inserts the
+            # row and so rewrites its primary key's index page too (one of the 8 pages a flag change wrote).
+            missing = [
+                (mailbox, shard, vector) for shard, vector in batch.indexed_shards.items()
+                if not connection.execute(
+                    "UPDATE indexed_shards SET state_vector = ? WHERE mailbox = ? AND shard = ?",
+                    (vector, mailbox, shard),
+                ).rowcount
+            ]
+            if missing:
+                connection.executemany(
+                    "INSERT INTO indexed_shards (mailbox, shard, state_vector) VALUES (?, ?, ?)", missing
+                )
         if batch.blobs:
             insert_many(
                 connection,

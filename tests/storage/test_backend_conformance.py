@@ -90,6 +90,29 @@ def test_rows_upsert_delete_replace_and_queries(backend: MailboxBackend) -> None
     assert backend.indexed_state_vectors() == {}
 
 
+@pytest.mark.parametrize("before_flags", [(), ("\\Seen",), ("\\Seen", "$Other")])
+@pytest.mark.parametrize("after_flags", [(), ("\\Flagged",), ("\\Seen",), ("$Other", "\\Seen")])
+def test_a_patched_row_is_the_upserted_one_whatever_rows_before_says(
+    backend: MailboxBackend, before_flags: tuple[str, ...], after_flags: tuple[str, ...]
+) -> None:
+    stored = row("id", flags=before_flags)
+    backend.commit(CommitBatch(rows_upsert={"id": stored}, indexed_shards={"2026-11": b"\x01"}))
+    for told in (stored, row("id", "work", flags=before_flags), row("id", flags=("\\Seen", "$Stale"))):
+        # ``rows_before`` is what the committing side read; the store may have changed since (another process):
+        # the row ends as upserted all the same.
+        backend.commit(CommitBatch(rows_upsert={"id": row("id", flags=after_flags)}, rows_before={"id": told},
+                                   indexed_shards={"2026-11": b"\x02"}))
+        assert list(backend.all_rows()) == [row("id", flags=after_flags)]
+        assert backend.folder_counts()["inbox"].unread == (0 if "\\Seen" in after_flags else 1)
+        backend.commit(CommitBatch(rows_upsert={"id": stored}, rows_before={"id": row("id", flags=after_flags)}))
+        assert list(backend.all_rows()) == [stored]
+    assert backend.indexed_state_vectors() == {"2026-11": b"\x02"}
+    # A row patched that is not stored (deleted meanwhile) is written whole.
+    backend.commit(CommitBatch(rows_delete={"id"}))
+    backend.commit(CommitBatch(rows_upsert={"id": stored}, rows_before={"id": stored}))
+    assert list(backend.all_rows()) == [stored]
+
+
 def test_blobs_are_verified_and_a_bad_batch_commits_nothing(backend: MailboxBackend) -> None:
     good = blob(b"From: a\r\n\r\nbody")
     backend.commit(CommitBatch(blobs=dict([good])))

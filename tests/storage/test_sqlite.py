@@ -338,6 +338,47 @@ def test_a_flag_change_does_not_rewrite_the_shards_snapshot(tmp_path: Path) -> N
         assert 0 <= written < 20 * snapshot_bytes / 4, written
 
 
+def _wal_pages(path: Path) -> list[int]:
+    """The page number of every frame in the WAL file next to ``path``, in order."""
+    data = Path(f"{path}-wal").read_bytes()
+    page_size = int.from_bytes(data[8:12], "big")
+    return [int.from_bytes(data[offset:offset + 4], "big") for offset in range(32, len(data) - 23, 24 + page_size)
+            if offset + 24 + page_size <= len(data)]
+
+
+def test_a_flag_change_writes_only_the_pages_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module._Checkpointer, "wake", lambda self: None)  # the WAL keeps every frame
+    path = tmp_path / "db.sqlite3"
+    with SqliteStore.open(path) as store:
+        box, ids, _shard = _folded(store, 40)
+        for message_id in ids[:20]:
+            box.set_flags(message_id, add=["\\Seen"])
+        # The b-tree each page belongs to, from SQLite's own page map.
+        try:
+            owners = dict(store._query("SELECT pageno, name FROM dbstat"))
+        except StorageError:
+            pytest.skip("this SQLite was built without the dbstat table (SQLITE_ENABLE_DBSTAT_VTAB)")
+
+        def written_by(change: Any) -> list[list[str]]:
+            per_commit = []
+            for message_id in ids[:20]:
+                before = len(_wal_pages(path))
+                change(message_id)
+                per_commit.append(sorted(owners.get(page, "?") for page in _wal_pages(path)[before:]))
+            return per_commit
+
+        flagged = written_by(lambda message_id: box.set_flags(message_id, add=["\\Flagged"]))
+        unseen = written_by(lambda message_id: box.set_flags(message_id, remove=["\\Seen"]))
+        rows = box.rows(ids[:20])
+    assert sorted(rows[i].flags for i in ids[:20]) == [("\\Flagged",)] * 20
+    for pages in flagged:
+        # \Seen as it was: the unread index is not rewritten, nor the index of indexed_shards' key.
+        assert "rows_unread" not in pages and "sqlite_autoindex_indexed_shards_1" not in pages, pages
+        assert {"updates", "documents", "rows", "indexed_shards"} <= set(pages), pages
+    for pages in unseen:
+        assert "rows_unread" in pages and "sqlite_autoindex_indexed_shards_1" not in pages, pages
+
+
 def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     with SqliteStore.open(path) as store:
