@@ -30,7 +30,9 @@ import pycrdt
 from crdtmail.errors import BlobIntegrityError, CorruptStoreError, StorageError
 from crdtmail.model.backend import CommitBatch, FolderCount, IndexRow
 
-SCHEMA_VERSION = 2  # 2: snapshots moved out of the documents table (1 is upgraded on open)
+# 2: snapshots moved out of the documents table; 3: the update log's ids without AUTOINCREMENT. Older stores
+# are upgraded on open.
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x63726D6C  # "crml": marks the file as a crdtmail database
 COMPACT_MIN_LOG_BYTES = 64 * 1024
 # SQLite's default page cache is 2 MB: a bulk write larger than that spills pages into the WAL over and over
@@ -73,8 +75,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
     data BLOB NOT NULL,
     PRIMARY KEY (mailbox, name)
 );
+-- Plain rowids: AUTOINCREMENT kept its counter in sqlite_sequence, one more page written by every commit. A new
+-- row still gets an id above every row in the table, so a document's rows stay in commit order.
 CREATE TABLE IF NOT EXISTS updates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     mailbox TEXT NOT NULL,
     name TEXT NOT NULL,
     data BLOB NOT NULL
@@ -128,7 +132,22 @@ def _move_snapshots(connection: sqlite3.Connection) -> None:
                            (mailbox, name, data))
         connection.execute("UPDATE documents SET snapshot = NULL, snapshot_bytes = ? WHERE mailbox = ? AND name = ?",
                            (len(data), mailbox, name))
-    connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def _renumber_updates(connection: sqlite3.Connection) -> None:
+    """Rebuild the update log's table without AUTOINCREMENT (schema 3), ids and rows as they were, inside the
+    caller's transaction. A schema-2 process still running writes to it as before: its INSERTs name no id."""
+    sql = connection.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'updates'").fetchone()
+    if sql is None or "AUTOINCREMENT" not in sql[0].upper():
+        return
+    connection.execute("CREATE TABLE updates_renumbered (id INTEGER PRIMARY KEY, mailbox TEXT NOT NULL,"
+                       " name TEXT NOT NULL, data BLOB NOT NULL)")
+    connection.execute("INSERT INTO updates_renumbered (id, mailbox, name, data) SELECT id, mailbox, name, data"
+                       " FROM updates ORDER BY id")
+    connection.execute("DROP TABLE updates")  # and its index
+    connection.execute("ALTER TABLE updates_renumbered RENAME TO updates")
+    connection.execute("CREATE INDEX updates_by_document ON updates (mailbox, name, id)")
+    connection.execute("DELETE FROM sqlite_sequence WHERE name = 'updates'")
 
 
 def _storage_error(action: str, path: Path, exc: sqlite3.Error) -> StorageError:
@@ -204,10 +223,15 @@ class SqliteStore:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             connection.execute(statement)
-                    if version < SCHEMA_VERSION:
+                    # A snapshot in documents: schema 1's, or one a schema-1 process still running folded since.
+                    if version < 2 or connection.execute(
+                            "SELECT 1 FROM documents WHERE snapshot IS NOT NULL LIMIT 1").fetchone():
                         _move_snapshots(connection)
-                    elif connection.execute("SELECT 1 FROM documents WHERE snapshot IS NOT NULL LIMIT 1").fetchone():
-                        _move_snapshots(connection)  # what a schema-1 process still running folded since
+                    if version < 3:
+                        _renumber_updates(connection)
+                    if version < SCHEMA_VERSION:
+                        connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                                           (str(SCHEMA_VERSION),))
         except sqlite3.Error as exc:
             connection.close()
             raise _storage_error("open", path, exc) from exc
@@ -419,7 +443,7 @@ class SqliteMailboxBackend:
             self._writer.submit(dataclasses.replace(batch, encode_document=None))  # verified on the writer thread
             return
         _verify_blobs(batch)
-        folded: dict[str, tuple[int, int]] = {}
+        folded: dict[str, int] = {}  # document -> the bytes of the snapshot its log was folded into
         hint = None if batch.encode_document is None else functools.partial(self._fold_hint, batch, folded)
         try:
             snapshots = _write_batch(self._connection, self.mailbox, batch, hint)
@@ -432,8 +456,10 @@ class SqliteMailboxBackend:
                     self._baselines[update.doc_name] = (len(update.update), 0, 0)
                 else:
                     self._baselines[update.doc_name] = (baseline[0], baseline[1], baseline[2] + 1)
-        for name, (snapshot_bytes, last_id) in folded.items():
-            self._baselines[name] = (snapshot_bytes, last_id, 0)
+        for name, snapshot_bytes in folded.items():
+            # A fold deletes every logged row of the document: any row after it is a later one. (Not "after the
+            # last id folded": without AUTOINCREMENT, a row logged next may take an id a deleted one had.)
+            self._baselines[name] = (snapshot_bytes, 0, 0)
         self._store.committed()
 
     def _others_wrote(self) -> bool:
@@ -446,8 +472,8 @@ class SqliteMailboxBackend:
         self._baselines.clear()
         return changed
 
-    def _fold_hint(self, batch: CommitBatch, folded: dict[str, tuple[int, int]],
-                   connection: sqlite3.Connection, name: str, snapshot_bytes: int, last_id: int) -> bytes | None:
+    def _fold_hint(self, batch: CommitBatch, folded: dict[str, int],
+                   connection: sqlite3.Connection, name: str, snapshot_bytes: int) -> bytes | None:
         """The committing document's encoding, if it provably holds everything stored for ``name``.
 
         It does when nothing but this backend wrote the document since it loaded it: the snapshot is the one it
@@ -468,7 +494,7 @@ class SqliteMailboxBackend:
         if encoded is None:
             self._baselines.pop(name, None)
             return None
-        folded[name] = (len(encoded), last_id)
+        folded[name] = len(encoded)
         return encoded
 
     @contextmanager
@@ -638,7 +664,7 @@ def _verify_blobs(batch: CommitBatch) -> None:
 
 _PATCHED_ROWS_MAX = 8
 
-_FoldHint = Callable[[sqlite3.Connection, str, int, int], "bytes | None"]
+_FoldHint = Callable[[sqlite3.Connection, str, int], "bytes | None"]
 
 
 def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatch,
@@ -819,7 +845,7 @@ def _compact(connection: sqlite3.Connection, mailbox: str, name: str, fold_hint:
         "SELECT documents.snapshot_bytes, (SELECT max(id) FROM updates WHERE mailbox = ? AND name = ?)"
         " FROM documents WHERE mailbox = ? AND name = ?", (mailbox, name, mailbox, name)
     ).fetchone()
-    merged = None if fold_hint is None else fold_hint(connection, name, int(snapshot_bytes), int(last_id))
+    merged = None if fold_hint is None else fold_hint(connection, name, int(snapshot_bytes))
     if merged is None:
         snapshot = connection.execute(
             "SELECT data FROM snapshots WHERE mailbox = ? AND name = ?", (mailbox, name)
