@@ -694,8 +694,8 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
             for message_id, r in batch.rows_upsert.items():
                 before = batch.rows_before.get(message_id)
                 if before is not None and before.seen == r.seen:
-                    # \Seen as it was: flags alone, which leaves the unread index's page as it is (a flag change
-                    # wrote 7 pages, this one of them); the row must still hold the seen value it had.
+                    # \Seen as it was: flags alone, which leaves the unread index's page as it is (a page fewer
+                    # per flag change); seen stays in the WHERE, so a row changed meanwhile gets the whole write.
                     patched = connection.execute(
                         "UPDATE rows SET flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
                         " AND folder_id = ? AND date = ? AND seen = ? AND sender = ? AND subject = ? AND size = ?",
