@@ -481,8 +481,8 @@ class Peer:
             session.on_change(mailbox, change)
 
     def index_soon(self, mailbox: str) -> None:
-        """Build the listing rows of the shards that arrived whole (``Mailbox.index_pending``) in the background,
-        a shard per turn of the event loop, so links keep being served meanwhile."""
+        """Build the listing rows of the shards that arrived whole in the background, a bounded piece per turn of
+        the event loop (``Mailbox.index_steps``), so links keep being served meanwhile."""
         if mailbox in self._indexing or not self.mailbox(mailbox).unindexed_shards():
             return
         current = asyncio.current_task()
@@ -511,12 +511,11 @@ class Peer:
         started = time.perf_counter()
         indexed = 0
         try:
-            while True:
+            # A piece per turn of the loop (Mailbox.index_steps): the links are served between them.
+            for done in mailbox.index_steps():
+                if done is not None:
+                    indexed += 1
                 await asyncio.sleep(0)
-                done = mailbox.index_pending(limit=1)
-                if not done:
-                    break
-                indexed += len(done)
         except CrdtmailError as exc:  # a store that cannot be written, or a stored shard that cannot be decoded
             log.error("mailbox %s: building the listing of %s failed: %s; it is tried again when the mailbox is "
                       "next read or opened", name, ", ".join(mailbox.unindexed_shards()), exc)

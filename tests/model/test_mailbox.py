@@ -21,6 +21,7 @@ from crdtmail.errors import (
     UnknownFolderError,
     UnknownMessageError,
 )
+from crdtmail.model import mailbox as mailbox_module
 from crdtmail.model.backend import CommitBatch, DocumentUpdate, MailboxBackend
 from crdtmail.model.causal import decode_state_vector
 from crdtmail.model.mailbox import INBOX, INDEX_DOC, LOCAL, TRASH, Mailbox, MailboxChange, observe_keys
@@ -800,6 +801,76 @@ def test_a_shard_arriving_whole_is_stored_as_it_came_and_indexed_later(backend: 
     assert fresh.unindexed_shards() == [] and fresh.repair_index() == []
     assert {m.id: (m.flags, m.folder_id) for m in fresh.all_messages()} == {
         m.id: (m.flags, m.folder_id) for m in source.all_messages()}
+
+
+def _listing_of(box: Mailbox) -> dict[str, tuple[str, str, tuple[str, ...], str]]:
+    return {row.message_id: (row.shard, row.folder_id, row.flags, row.subject) for row in box.index_rows()}
+
+
+def _added(changes: list[MailboxChange]) -> list[str]:
+    return sorted(message_id for change in changes for message_id in change.added)
+
+
+def test_index_steps_list_shards_stored_whole_a_piece_at_a_time(
+    backend: MailboxBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mailbox_module, "INDEX_STEP_ROWS", 3)
+    source, november, october = _source_with_two_months(8)
+    fresh = Mailbox("m", backend)
+    changes = recorded(fresh)
+    _receive_whole(fresh, source)
+    steps = fresh.index_steps()
+    assert next(steps) is None  # November decoded, nothing written yet
+    partial = []
+    done = []
+    for step in steps:
+        if step is None and not done:
+            partial.append(len(backend.rows(november)))
+        if step is not None:
+            done.append(step)
+            assert set(changes[-1].added) == {r for r in (november if step == "2026-11" else october)} - {october[1]}
+            assert changes[-1].origin == "peer" and set(changes[-1].envelopes) == set(changes[-1].added)
+    assert done == ["2026-11", "2026-10"]  # newest month first
+    assert partial[-1] in (6, 8) and 3 in partial  # its rows were written a few at a time
+    assert fresh.unindexed_shards() == [] and fresh.loaded_shards() == [] and fresh.repair_index() == []
+    assert _added(changes) == sorted(set(november) | set(october) - {october[1]})
+    assert _listing_of(fresh) == _listing_of(source)
+
+
+@pytest.mark.parametrize("meanwhile", ["flag change", "listing read", "remote update", "move"])
+def test_whatever_needs_a_shard_while_index_steps_list_it_lists_it_at_once(
+    backend: MailboxBackend, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    monkeypatch.setattr(mailbox_module, "INDEX_STEP_ROWS", 3)
+    source, november, october = _source_with_two_months(8)
+    fresh = Mailbox("m", backend)
+    changes = recorded(fresh)
+    _receive_whole(fresh, source)
+    steps = fresh.index_steps()
+    while len(backend.rows(november)) < 6:  # decoded, its maps read, two pieces of rows written
+        assert next(steps) is None
+    assert len(backend.rows(november)) < len(november)
+    if meanwhile == "flag change":
+        fresh.set_flags(november[7], add=["\\Flagged"])
+        source.set_flags(november[7], add=["\\Flagged"])
+    elif meanwhile == "listing read":
+        assert fresh.counts()[INBOX].total == source.counts()[INBOX].total
+    elif meanwhile == "remote update":
+        before = source.document_state_vector("2026-11")
+        source.set_flags(november[6], add=["$Later"])
+        fresh.apply_update("2026-11", source.encode_document("2026-11", before), "peer")
+    else:
+        fresh.move(november[5], "Archive")
+        source.move(november[5], "Archive")
+    # October is left to the steps when only November was needed; a read of the listing (or a look-up) lists both.
+    listed_by_steps = [step for step in steps if step is not None]
+    assert listed_by_steps in ([], ["2026-10"])
+    if meanwhile == "remote update":
+        assert listed_by_steps == ["2026-10"]
+    assert fresh.unindexed_shards() == [] and fresh.repair_index() == []
+    # Each message was announced as added once, whoever listed it.
+    assert _added(changes) == sorted(set(november) | set(october) - {october[1]})
+    assert _listing_of(fresh) == _listing_of(source)
 
 
 def test_every_read_of_the_listing_sees_shards_stored_whole(backend: MailboxBackend) -> None:
