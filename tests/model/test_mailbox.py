@@ -811,14 +811,22 @@ def _added(changes: list[MailboxChange]) -> list[str]:
     return sorted(message_id for change in changes for message_id in change.added)
 
 
-def test_index_steps_list_shards_stored_whole_a_piece_at_a_time(
-    backend: MailboxBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _whole_with_small_steps(backend: MailboxBackend, monkeypatch: pytest.MonkeyPatch,
+                            ) -> tuple[Mailbox, list[str], list[str], Mailbox, list[MailboxChange]]:
+    """Two months of 8 messages received whole by a new replica, listed 3 rows per step: the source, the ids of
+    each month, the new replica and the changes it announces."""
     monkeypatch.setattr(mailbox_module, "INDEX_STEP_ROWS", 3)
     source, november, october = _source_with_two_months(8)
     fresh = Mailbox("m", backend)
     changes = recorded(fresh)
     _receive_whole(fresh, source)
+    return source, november, october, fresh, changes
+
+
+def test_index_steps_list_shards_stored_whole_a_piece_at_a_time(
+    backend: MailboxBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, november, october, fresh, changes = _whole_with_small_steps(backend, monkeypatch)
     steps = fresh.index_steps()
     assert next(steps) is None  # November decoded, nothing written yet
     partial = []
@@ -841,11 +849,7 @@ def test_index_steps_list_shards_stored_whole_a_piece_at_a_time(
 def test_whatever_needs_a_shard_while_index_steps_list_it_lists_it_at_once(
     backend: MailboxBackend, monkeypatch: pytest.MonkeyPatch, meanwhile: str
 ) -> None:
-    monkeypatch.setattr(mailbox_module, "INDEX_STEP_ROWS", 3)
-    source, november, october = _source_with_two_months(8)
-    fresh = Mailbox("m", backend)
-    changes = recorded(fresh)
-    _receive_whole(fresh, source)
+    source, november, october, fresh, changes = _whole_with_small_steps(backend, monkeypatch)
     steps = fresh.index_steps()
     while len(backend.rows(november)) < 6:  # decoded, its maps read, two pieces of rows written
         assert next(steps) is None

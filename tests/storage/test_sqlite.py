@@ -408,13 +408,19 @@ def test_folds_after_folds_still_take_the_live_document(tmp_path: Path, monkeypa
         assert _placements(Mailbox("m", store.backend("m"))) == expected
 
 
+def _folded_with_a_log(path: Path, logged: int) -> tuple[list[str], str, dict[str, tuple[str, frozenset[str]]]]:
+    """A store at ``path`` with 6 messages folded into a snapshot and ``logged`` flag changes in the log after it:
+    the ids, the shard and what the mailbox holds."""
+    with SqliteStore.open(path) as store:
+        box, ids, shard = _folded(store, 6)
+        for message_id in ids[1:1 + logged]:
+            box.set_flags(message_id, add=["\\Flagged"])
+        return ids, shard, _placements(box)
+
+
 def test_a_schema_2_store_is_upgraded_on_open_and_keeps_its_log(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
-    with SqliteStore.open(path) as store:
-        box, ids, _shard = _folded(store, 6)
-        for message_id in ids[:4]:
-            box.set_flags(message_id, add=["\\Flagged"])  # log rows beside the snapshot
-        expected = _placements(box)
+    ids, _shard, expected = _folded_with_a_log(path, 4)
     # What schema 2 looked like: the update log's ids under AUTOINCREMENT.
     connection = sqlite3.connect(path, isolation_level=None)
     log = connection.execute("SELECT id, mailbox, name, data FROM updates ORDER BY id").fetchall()
@@ -443,10 +449,7 @@ def test_a_schema_2_store_is_upgraded_on_open_and_keeps_its_log(tmp_path: Path) 
 
 def test_a_schema_1_store_is_upgraded_on_open_and_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
-    with SqliteStore.open(path) as store:
-        box, ids, shard = _folded(store, 6)
-        box.set_flags(ids[1], add=["\\Flagged"])  # a log row beside the snapshot
-        expected = _placements(box)
+    _ids, shard, expected = _folded_with_a_log(path, 1)
     # What schema 1 looked like: the snapshots inside the documents table.
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("UPDATE documents SET snapshot = (SELECT data FROM snapshots"
