@@ -84,6 +84,19 @@ PREFAULT_PER_SHARD_BYTE = 3
 PREFAULT_MIN_BYTES = 4 * 1024 * 1024
 
 
+async def _after_ready_io() -> None:
+    """Let the event loop run the callbacks of I/O that is ready before this task goes on.
+
+    ``asyncio.sleep(0)`` puts the task back at the head of the loop's next pass, ahead of the I/O callbacks that
+    pass finds ready (they are queued after it), so a frame that arrived during one long step of the task waited for
+    the next step as well. A timer due at once is queued after them.
+    """
+    loop = asyncio.get_running_loop()
+    resumed = loop.create_future()
+    loop.call_later(0, resumed.set_result, None)
+    await resumed
+
+
 @dataclass(frozen=True)
 class BodyPolicy:
     """Which message bodies a peer fetches from the peers it syncs with (a desktop: all of them).
@@ -515,7 +528,7 @@ class Peer:
             for done in mailbox.index_steps():
                 if done is not None:
                     indexed += 1
-                await asyncio.sleep(0)
+                await _after_ready_io()
         except CrdtmailError as exc:  # a store that cannot be written, or a stored shard that cannot be decoded
             log.error("mailbox %s: building the listing of %s failed: %s; it is tried again when the mailbox is "
                       "next read or opened", name, ", ".join(mailbox.unindexed_shards()), exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -700,3 +701,34 @@ def test_a_sync_that_never_completes_lets_go_of_the_allocator_after_a_while(
         await server.wait_closed()
 
     run_closing(main(), replica)
+
+
+def test_a_background_step_lets_io_that_arrived_during_it_run_first() -> None:
+    # The background listing's steps are long: a frame read during one must be handled before the next one.
+    # (With asyncio.sleep(0) between the steps, the order was step 0, step 1, io, step 2.)
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+
+        def readable() -> None:
+            reader.recv(16)
+            order.append("io")
+            loop.remove_reader(reader.fileno())
+
+        loop.add_reader(reader.fileno(), readable)
+        try:
+            for step in range(3):
+                if step == 0:
+                    writer.send(b"x")  # arrives while the step below holds the loop
+                time.sleep(0.02)
+                order.append(f"step {step}")
+                await peer_module._after_ready_io()
+        finally:
+            loop.remove_reader(reader.fileno())
+            reader.close()
+            writer.close()
+        return order
+
+    assert asyncio.run(scenario()) == ["step 0", "io", "step 1", "step 2"]
