@@ -932,22 +932,18 @@ class Mailbox:
             if not waiting:
                 return
             name = waiting[0]
-            if name in self._shards:  # not expected (a load lists it), but then the usual way does
-                self.index_pending(limit=1)
-                yield name
-                continue
-            origin = self._unindexed[name]
+            # Never loaded meanwhile: a load lists a shard at once (_load_shard), which takes it out of _unindexed.
             shard = _Shard(name, self._rebuild(name))
             yield None
-            if self._listed_meanwhile(name):
+            if name not in self._unindexed:  # listed meanwhile
                 continue
             messages = _map_dict(shard.messages)
             yield None
-            if self._listed_meanwhile(name):
+            if name not in self._unindexed:  # listed meanwhile
                 continue
             placement, expunged = _map_dict(shard.placement), _map_dict(shard.expunged)
             yield None
-            if self._listed_meanwhile(name):
+            if name not in self._unindexed:  # listed meanwhile
                 continue
             flags = _flags_by_message(shard)
             # In key order, as one batch would write them: each piece then fills the rows table's pages in turn
@@ -956,7 +952,7 @@ class Mailbox:
             envelopes: dict[str, Envelope] = {}
             for start in range(0, max(len(visible), 1), INDEX_STEP_ROWS):
                 yield None
-                if self._listed_meanwhile(name):
+                if name not in self._unindexed:
                     break
                 last = start + INDEX_STEP_ROWS >= len(visible)
                 batch = CommitBatch(
@@ -970,17 +966,10 @@ class Mailbox:
             else:
                 # Freed here, a step of its own, rather than at the start of the next shard's decoding.
                 del shard, messages, placement, expunged, flags
-                del self._unindexed[name]
-                self._indexed_changes.append(MailboxChange(
-                    origin=origin, documents=frozenset({name}), added=frozenset(visible), changed=frozenset(),
-                    moved=frozenset(), expunged=frozenset(), folders_changed=False, updates=(), envelopes=envelopes))
+                self._listed(name, visible, envelopes)
                 if not self._batch_depth:
                     self._announce_indexed()
                 yield name
-
-    def _listed_meanwhile(self, name: str) -> bool:
-        """Whether a shard ``index_steps`` is listing was listed (or loaded, which lists it) since its last step."""
-        return name not in self._unindexed or name in self._shards
 
     def _listing(self) -> MailboxBackend:
         """The backend, for a read of the derived index: the rows of shards that arrived whole are built first,
@@ -999,9 +988,14 @@ class Mailbox:
         batch = CommitBatch(replace_shards={shard.name}, rows_upsert=rows)
         batch.indexed_shards[shard.name] = shard.doc.get_state()
         self._backend.commit(batch)
-        origin = self._unindexed.pop(shard.name)
+        self._listed(shard.name, rows, envelopes)
+
+    def _listed(self, name: str, added: Iterable[str], envelopes: dict[str, Envelope]) -> None:
+        """A shard stored whole has its rows: its messages are announced as added, with the origin it came from, at
+        the next commit (or ``_announce_indexed``)."""
+        origin = self._unindexed.pop(name)
         self._indexed_changes.append(MailboxChange(
-            origin=origin, documents=frozenset({shard.name}), added=frozenset(rows), changed=frozenset(),
+            origin=origin, documents=frozenset({name}), added=frozenset(added), changed=frozenset(),
             moved=frozenset(), expunged=frozenset(), folders_changed=False, updates=(), envelopes=envelopes))
 
     def _drop_if_idle(self, name: str) -> None:

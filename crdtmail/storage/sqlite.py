@@ -663,6 +663,11 @@ def _verify_blobs(batch: CommitBatch) -> None:
 
 
 _PATCHED_ROWS_MAX = 8
+# A listing row patched in place: only where every column but the ones set is as the patch expects.
+_ROW_AS_EXPECTED = (" WHERE mailbox = ? AND message_id = ? AND shard = ? AND folder_id = ? AND date = ? AND sender = ?"
+                    " AND subject = ? AND size = ?")
+_PATCH_FLAGS = "UPDATE rows SET flags = ?" + _ROW_AS_EXPECTED + " AND seen = ?"
+_PATCH_SEEN_AND_FLAGS = "UPDATE rows SET seen = ?, flags = ?" + _ROW_AS_EXPECTED
 
 _FoldHint = Callable[[sqlite3.Connection, str, int], "bytes | None"]
 
@@ -692,23 +697,17 @@ def _write_batch(connection: sqlite3.Connection, mailbox: str, batch: CommitBatc
             # table's page and the unread index's, where INSERT OR REPLACE rewrites all four of the row's B-trees.
             upsert = {}
             for message_id, r in batch.rows_upsert.items():
+                flags = " ".join(r.flags)
+                parameters: tuple[Any, ...]
+                unchanged = (mailbox, message_id, r.shard, r.folder_id, r.date, r.sender, r.subject, r.size)
                 before = batch.rows_before.get(message_id)
                 if before is not None and before.seen == r.seen:
                     # \Seen as it was: flags alone, which leaves the unread index's page as it is (a page fewer
                     # per flag change); seen stays in the WHERE, so a row changed meanwhile gets the whole write.
-                    patched = connection.execute(
-                        "UPDATE rows SET flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
-                        " AND folder_id = ? AND date = ? AND seen = ? AND sender = ? AND subject = ? AND size = ?",
-                        (" ".join(r.flags), mailbox, message_id, r.shard, r.folder_id, r.date, int(r.seen),
-                         r.sender, r.subject, r.size),
-                    ).rowcount
+                    sql, parameters = _PATCH_FLAGS, (flags, *unchanged, int(r.seen))
                 else:
-                    patched = connection.execute(
-                        "UPDATE rows SET seen = ?, flags = ? WHERE mailbox = ? AND message_id = ? AND shard = ?"
-                        " AND folder_id = ? AND date = ? AND sender = ? AND subject = ? AND size = ?",
-                        (int(r.seen), " ".join(r.flags), mailbox, message_id, r.shard, r.folder_id, r.date,
-                         r.sender, r.subject, r.size),
-                    ).rowcount
+                    sql, parameters = _PATCH_SEEN_AND_FLAGS, (int(r.seen), flags, *unchanged)
+                patched = connection.execute(sql, parameters).rowcount
                 if not patched:
                     upsert[message_id] = r
         if upsert:
